@@ -1,0 +1,150 @@
+"""Typed, validated view of `[tool.flwr.app.config]`.
+
+Flower hands every app a flat `run_config` mapping. Reading it through one frozen
+dataclass gives every module the same names and types, makes a bad value fail before
+any model is loaded, and (being hashable) lets per-process caches key on it safely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMES = ("fedavg", "fedlora")
+TASKS = ("cola", "sst2")
+PARTITIONINGS = ("seed", "iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A run-config value that the app cannot use; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All run-config keys; pyproject.toml holds the defaults and their meaning."""
+
+    scheme: str
+    task: str
+    data_dir: str
+    num_server_rounds: int
+    student_model: str
+    student_layers: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: str
+    local_epochs: int
+    client_lr: float
+    lora_client_lr: float
+    batch_size: int
+    max_seq_length: int
+    teacher_data_pct: float
+    partitioning: str
+    dirichlet_alpha: float
+    fraction_train: float
+    fraction_evaluate: float
+    min_available_nodes: int
+    max_train_examples_per_client: int
+    max_eval_examples: int
+    seed: int
+    results_dir: str
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from a kebab-case run-config; unknown or missing keys are errors."""
+        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(by_key))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
+        missing = sorted(set(by_key) - set(values))
+        if missing:
+            raise ConfigError(f"missing run-config key(s): {', '.join(missing)}")
+        kwargs = {f.name: _coerce(key, values[key], f.type) for key, f in by_key.items()}
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config with its run-config (kebab-case) key names."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A validated copy with some fields changed (snake_case names)."""
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    @property
+    def uses_lora(self) -> bool:
+        """LoRA schemes ship only the PEFT state (adapter + classifier head)."""
+        return self.scheme != "fedavg"
+
+    @property
+    def learning_rate(self) -> float:
+        """Full fine-tuning and LoRA need learning rates an order of magnitude apart."""
+        return self.lora_client_lr if self.uses_lora else self.client_lr
+
+    @property
+    def num_labels(self) -> int:
+        """CoLA and SST-2 are both binary."""
+        return 2
+
+    def validate(self) -> None:
+        """Reject values no run can use, naming the key, the value and what is allowed."""
+        _check_choice("scheme", self.scheme, SCHEMES)
+        _check_choice("task", self.task, TASKS)
+        _check_choice("partitioning", self.partitioning, PARTITIONINGS)
+        for key, value, low in (
+            ("num-server-rounds", self.num_server_rounds, 1),
+            ("lora-r", self.lora_r, 1),
+            ("lora-alpha", self.lora_alpha, 1),
+            ("batch-size", self.batch_size, 1),
+            ("max-seq-length", self.max_seq_length, 8),
+            ("min-available-nodes", self.min_available_nodes, 1),
+            ("local-epochs", self.local_epochs, 0),
+            ("student-layers", self.student_layers, 0),
+            ("max-train-examples-per-client", self.max_train_examples_per_client, 0),
+            ("max-eval-examples", self.max_eval_examples, 0),
+        ):
+            if value < low:
+                raise ConfigError(f"run-config key '{key}' = {value}: must be >= {low}")
+        for key, value in (("client-lr", self.client_lr), ("lora-client-lr", self.lora_client_lr)):
+            if value <= 0:
+                raise ConfigError(f"run-config key '{key}' = {value}: must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"run-config key 'lora-dropout' = {self.lora_dropout}: must be in [0, 1)")
+        if not 0 <= self.teacher_data_pct < 100:
+            raise ConfigError(
+                f"run-config key 'teacher-data-pct' = {self.teacher_data_pct}: must be in [0, 100)"
+            )
+        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
+            if not 0 < value <= 1:
+                raise ConfigError(f"run-config key '{key}' = {value}: must be in (0, 1]")
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError(f"run-config key 'dirichlet-alpha' = {self.dirichlet_alpha}: must be > 0")
+        if self.data_dir:
+            for split in ("train", "dev"):
+                path = Path(self.data_dir) / self.task / f"{split}.tsv"
+                if not path.is_file():
+                    raise ConfigError(f"run-config key 'data-dir' = '{self.data_dir}': no file {path}")
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"run-config key '{key}' = '{value}': allowed: {', '.join(allowed)}")
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """TOML gives ints for `1` and floats for `1.0`; accept ints where floats are due."""
+    expected = {"int": int, "float": float, "str": str, "bool": bool}[str(type_name)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"run-config key '{key}' = {value!r}: expected {expected.__name__}, "
+            f"got {type(value).__name__}"
+        )
+    return value

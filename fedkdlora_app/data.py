@@ -1,0 +1,180 @@
+"""GLUE single-sentence data: reading, the server's public slice, client partitions.
+
+Layout of the train split, as in the original FedKDLoRA: the first `teacher-data-pct` %
+is the server's public data; the rest is the clients' pool, split by a `flwr-datasets`
+partitioner. The dev split is the evaluation set: the server evaluates all of it, and
+client `i` evaluates the `i`-th contiguous shard, so the clients' summed confusion counts
+cover exactly the examples the server scores.
+"""
+
+from __future__ import annotations
+
+import csv
+from functools import lru_cache
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import torch
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from fedkdlora_app.config import RunConfig
+from fedkdlora_app.models import load_tokenizer
+
+HUB_DATASET = "nyu-mll/glue"
+
+# Column layout of the GLUE release files (see the data folder's SOURCES.md).
+_TSV_LAYOUT = {
+    "cola": {"header": None, "names": ["source", "label", "original_label", "sentence"]},
+    "sst2": {"header": 0, "names": None},
+}
+
+
+class DataError(ValueError):
+    """A data file or partition the app cannot use; the message names it."""
+
+
+def read_glue_tsv(path: Path, task: str) -> datasets.Dataset:
+    """Read one GLUE TSV into a Dataset: `sentence`, `label`, `idx` (row number in the file)."""
+    if not path.is_file():
+        raise DataError(f"missing data file: {path}")
+    layout = _TSV_LAYOUT[task]
+    frame = pd.read_csv(
+        path,
+        sep="\t",
+        header=layout["header"],
+        names=layout["names"],
+        quoting=csv.QUOTE_NONE,
+        keep_default_na=False,
+        dtype={"sentence": str},
+    )
+    frame = frame[["sentence", "label"]].astype({"label": "int64"})
+    frame["idx"] = range(len(frame))
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def load_split(config: RunConfig, split: str) -> datasets.Dataset:
+    """`split` is `train` or `dev`; from `data-dir` when set, else from the hub."""
+    if config.data_dir:
+        return read_glue_tsv(Path(config.data_dir) / config.task / f"{split}.tsv", config.task)
+    hub_split = "validation" if split == "dev" else split
+    try:
+        dataset = datasets.load_dataset(HUB_DATASET, config.task, split=hub_split)
+    except Exception as error:  # the hub raises many types; the user needs one message
+        raise DataError(
+            f"could not load {HUB_DATASET}/{config.task} from the Hugging Face hub ({error}); "
+            "offline, set run-config key 'data-dir' to a folder with <task>/train.tsv and dev.tsv"
+        ) from error
+    return dataset.select_columns(["sentence", "label", "idx"])
+
+
+def split_public(train: datasets.Dataset, teacher_data_pct: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Return (server's public slice, clients' pool): the first pct % and the rest."""
+    num_public = int(len(train) * teacher_data_pct / 100)
+    return train.select(range(num_public)), train.select(range(num_public, len(train)))
+
+
+def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
+    """The run-config's partitioning as a `flwr-datasets` partitioner."""
+    if config.partitioning == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=config.dirichlet_alpha,
+            min_partition_size=1,
+            self_balancing=True,
+            seed=config.seed,
+        )
+    # `seed`: contiguous equal parts of the pool in file order (the original FedKDLoRA
+    # split); `iid`: the same after a seeded shuffle. IidPartitioner shards contiguously.
+    return IidPartitioner(num_partitions=num_partitions)
+
+
+def client_train_partition(
+    config: RunConfig, partition_id: int, num_partitions: int
+) -> datasets.Dataset:
+    """Client `partition_id`'s training examples (capped by max-train-examples-per-client)."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
+    _, pool = split_public(load_split(config, "train"), config.teacher_data_pct)
+    if len(pool) < num_partitions:
+        raise DataError(
+            f"{len(pool)} client training examples cannot fill {num_partitions} partitions"
+        )
+    if config.partitioning == "iid":
+        pool = pool.shuffle(seed=config.seed).flatten_indices()
+    partitioner = make_partitioner(config, num_partitions)
+    partitioner.dataset = pool
+    partition = partitioner.load_partition(partition_id)
+    return _first(partition, config.max_train_examples_per_client)
+
+
+def eval_split(config: RunConfig) -> datasets.Dataset:
+    """The dev examples every evaluation scores (a seeded subset if max-eval-examples)."""
+    dev = load_split(config, "dev")
+    if 0 < config.max_eval_examples < len(dev):
+        dev = dev.shuffle(seed=config.seed).select(range(config.max_eval_examples))
+    return dev
+
+
+def client_eval_shard(config: RunConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
+    """Client `partition_id`'s contiguous shard of the evaluation set."""
+    partitioner = IidPartitioner(num_partitions=num_partitions)
+    partitioner.dataset = eval_split(config)
+    return partitioner.load_partition(partition_id)
+
+
+def _first(dataset: datasets.Dataset, limit: int) -> datasets.Dataset:
+    return dataset.select(range(min(limit, len(dataset)))) if limit > 0 else dataset
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Pre-tokenised, unpadded examples; padding happens per batch in the collator."""
+
+    def __init__(self, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int):
+        encoded = tokenizer(list(dataset["sentence"]), truncation=True, max_length=max_length)
+        self._features = [
+            {"input_ids": ids, "attention_mask": mask, "labels": label}
+            for ids, mask, label in zip(
+                encoded["input_ids"], encoded["attention_mask"], list(dataset["label"]), strict=True
+            )
+        ]
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._features[index]
+
+
+def make_loader(
+    examples: TokenizedDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+) -> DataLoader:
+    """Batches padded to their longest example; shuffled only when a seed is given."""
+    generator = None
+    if shuffle_seed is not None:
+        generator = torch.Generator().manual_seed(shuffle_seed)
+    return DataLoader(
+        examples,
+        batch_size=batch_size,
+        shuffle=shuffle_seed is not None,
+        generator=generator,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+    )
+
+
+@lru_cache(maxsize=4)
+def cached_client_examples(
+    config: RunConfig, partition_id: int, num_partitions: int, split: str
+) -> TokenizedDataset:
+    """Tokenise a client's data once per process: Ray actors serve many rounds."""
+    if split == "train":
+        dataset = client_train_partition(config, partition_id, num_partitions)
+    else:
+        dataset = client_eval_shard(config, partition_id, num_partitions)
+    return TokenizedDataset(dataset, load_tokenizer(config.student_model), config.max_seq_length)

@@ -1,0 +1,134 @@
+"""`fedkdlora-run`: one `flwr run` in simulation that tells the truth and cleans up.
+
+Plain `flwr run . --stream` in Flower 1.42 starts a detached local SuperLink that keeps
+running, does a `uv sync` of the app's dependencies per run (fails offline, or pulls a
+CUDA torch), resolves relative paths from wherever the SuperLink happens to run, and
+exits 0 even when the ServerApp raised. This wrapper runs the same command with a private
+FLWR_HOME and free ports, dependency installation off and paths made absolute; then
+reads the run's real status with `flwr list`, stops the SuperLink it started and exits
+non-zero if the run did not complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import tomli_w
+from flwr.common.config import get_project_config, parse_config_args
+
+# Run-config keys that name files or folders; relative values are taken from the cwd.
+PATH_KEYS = ("data-dir", "results-dir", "student-model")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fedkdlora-run", description=__doc__.splitlines()[0])
+    parser.add_argument("app", nargs="?", default=".", help="app directory (default: .)")
+    parser.add_argument("--run-config", "-c", action="append", default=[],
+                        help="run-config overrides, as for `flwr run` ('k=v k2=v2' or a TOML file)")
+    parser.add_argument("--federation-config", action="append", default=[],
+                        help="e.g. 'num-supernodes=4 client-resources-num-cpus=1 client-resources-num-gpus=0.25'")
+    parser.add_argument("--flwr-home", default=None,
+                        help="FLWR_HOME for the local SuperLink (default: a fresh temporary folder)")
+    return parser.parse_args(argv)
+
+
+def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path) -> dict:
+    """Overrides with every path key absolute (defaults included, so results land here)."""
+    defaults = get_project_config(app_dir)["tool"]["flwr"]["app"]["config"]
+    values = parse_config_args(overrides) if overrides else {}
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise SystemExit(f"fedkdlora-run: unknown run-config key(s): {', '.join(unknown)}")
+    for key in PATH_KEYS:
+        value = values.get(key, defaults[key])
+        if value and not Path(value).is_absolute() and (key != "student-model" or (cwd / value).exists()):
+            values[key] = str((cwd / value).resolve())
+    return values
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def run_status(env: dict[str, str]) -> tuple[str, str]:
+    """(status, status-details) of the newest run on this FLWR_HOME's SuperLink."""
+    listing = subprocess.run(["flwr", "list", "--format", "json"], env=env, capture_output=True, text=True)
+    try:
+        runs = json.loads(listing.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError):
+        return "unknown", f"`flwr list` gave no run listing: {listing.stdout[-500:]}{listing.stderr[-500:]}"
+    if not runs:
+        return "unknown", "no run was submitted"
+    newest = max(runs, key=lambda run: int(run["run-id"]))
+    return newest.get("status", "unknown"), newest.get("status-details", "")
+
+
+def stop_local_superlink(flwr_home: Path) -> int:
+    """Terminate the SuperLink started under `flwr_home`, and its children; return count."""
+    marker = str(flwr_home / "local-superlink")
+    targets = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if any("flower-superlink" in part for part in cmdline) and any(marker in part for part in cmdline):
+            targets += [proc, *proc.children(recursive=True)]
+    for proc in targets:
+        proc.terminate()
+    _, alive = psutil.wait_procs(targets, timeout=10)
+    for proc in alive:
+        proc.kill()
+    return len(targets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    app_dir = Path(args.app).resolve()
+    run_config = resolved_run_config(app_dir, args.run_config, Path.cwd())
+    temporary_home = args.flwr_home is None
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedkdlora-flwr-")) if temporary_home else Path(args.flwr_home)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = flwr_env(flwr_home)
+    overrides_file = flwr_home / "run-config.toml"
+    overrides_file.write_text(tomli_w.dumps(run_config))
+    command = ["flwr", "run", str(app_dir), "--stream", "--run-config", str(overrides_file)]
+    for federation_config in args.federation_config:
+        command += ["--federation-config", federation_config]
+    try:
+        submitted = subprocess.run(command, env=env)
+        status, details = run_status(env)
+    finally:
+        stop_local_superlink(flwr_home)
+        if temporary_home:
+            shutil.rmtree(flwr_home, ignore_errors=True)
+    if submitted.returncode != 0 or status != "finished:completed":
+        print(f"fedkdlora-run: run did not complete (status {status}): {details}", file=sys.stderr)
+        return 1
+    print(f"fedkdlora-run: run completed; results in {run_config['results-dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Classification metrics, and their honest aggregation across clients.
+
+Every evaluation, server- or client-side, reduces to (summed loss, confusion counts).
+Client results are combined by summing those, so the aggregated accuracy and MCC are
+exactly what one evaluation over the union of the clients' examples would give; a
+weighted mean of per-client MCC values would not be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+from sklearn.metrics import confusion_matrix, matthews_corrcoef
+
+COUNT_KEYS = ("tn", "fp", "fn", "tp")
+
+
+@dataclass(frozen=True)
+class EvalCounts:
+    """Sufficient statistics of one evaluation; they add up across clients."""
+
+    loss_sum: float
+    tn: int
+    fp: int
+    fn: int
+    tp: int
+
+    @classmethod
+    def from_predictions(cls, loss_sum: float, labels: np.ndarray, predictions: np.ndarray) -> EvalCounts:
+        tn, fp, fn, tp = confusion_matrix(labels, predictions, labels=[0, 1]).ravel()
+        return cls(float(loss_sum), int(tn), int(fp), int(fn), int(tp))
+
+    @property
+    def num_examples(self) -> int:
+        return self.tn + self.fp + self.fn + self.tp
+
+    def __add__(self, other: EvalCounts) -> EvalCounts:
+        return EvalCounts(
+            self.loss_sum + other.loss_sum,
+            *(getattr(self, k) + getattr(other, k) for k in COUNT_KEYS),
+        )
+
+    def metrics(self) -> dict[str, float | int]:
+        """Mean per-example loss, accuracy, MCC, example count and the counts themselves."""
+        n = self.num_examples
+        # MCC from the confusion matrix: one example per cell, weighted by its count.
+        mcc = matthews_corrcoef([0, 0, 1, 1], [0, 1, 0, 1], sample_weight=[self.tn, self.fp, self.fn, self.tp])
+        return {
+            "loss": self.loss_sum / n,
+            "accuracy": (self.tp + self.tn) / n,
+            "mcc": float(mcc),
+            "num-examples": n,
+            **{k: getattr(self, k) for k in COUNT_KEYS},
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: MetricRecord) -> EvalCounts:
+        return cls(
+            float(metrics["loss"]) * int(metrics["num-examples"]),
+            *(int(metrics[k]) for k in COUNT_KEYS),
+        )
+
+
+def aggregate_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Client evaluations combined by summing their counts (strategy's evaluate aggregator)."""
+    total = EvalCounts(0.0, 0, 0, 0, 0)
+    for record in records:
+        for metrics in record.metric_records.values():
+            total = total + EvalCounts.from_metrics(metrics)
+    return MetricRecord(total.metrics())
+
+
+def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Example-weighted mean training loss, total examples, slowest client's seconds."""
+    all_metrics = [m for record in records for m in record.metric_records.values()]
+    weights = [int(m[weighted_by_key]) for m in all_metrics]
+    total = sum(weights)
+    return MetricRecord(
+        {
+            "train-loss": sum(float(m["train-loss"]) * w for m, w in zip(all_metrics, weights, strict=True)) / total,
+            weighted_by_key: total,
+            "train-seconds-max": max(float(m["train-seconds"]) for m in all_metrics),
+        }
+    )

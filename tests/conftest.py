@@ -1,0 +1,32 @@
+"""Shared fixtures: the real GLUE copy beside the repo and the app's default config."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedkdlora_app.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+
+
+def default_run_config() -> dict[str, Any]:
+    """`[tool.flwr.app.config]` exactly as pyproject.toml ships it."""
+    with open(REPO / "pyproject.toml", "rb") as handle:
+        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+
+
+def make_config(**overrides: Any) -> RunConfig:
+    """Defaults with kebab-case overrides, reading the real GLUE copy."""
+    values = {**default_run_config(), "data-dir": str(GLUE_DIR), **overrides}
+    return RunConfig.from_mapping(values)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def glue_copy_present() -> None:
+    if not (GLUE_DIR / "cola" / "train.tsv").is_file():
+        pytest.fail(f"tests need the GLUE copy at {GLUE_DIR} (see README)", pytrace=False)

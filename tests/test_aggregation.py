@@ -1,0 +1,85 @@
+"""Server-side aggregation and metric combination against hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from sklearn.metrics import matthews_corrcoef
+
+from fedkdlora_app.metrics import EvalCounts, aggregate_evaluate_metrics
+from fedkdlora_app.results import RunRecorder
+from fedkdlora_app.strategy import TrackedFedAvg, payload_bytes
+from tests.conftest import make_config
+
+
+@pytest.fixture()
+def recorder(tmp_path) -> RunRecorder:
+    return RunRecorder(make_config(**{"results-dir": str(tmp_path)}))
+
+
+def _reply(node_id: int, arrays: list[np.ndarray], num_examples: int) -> Message:
+    """A client's train reply, built as Flower's simulation builds one."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
+    TaskIdentity.node_id = node_id
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": 0.5, "train-seconds": 1.0})
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=instruction)
+
+
+def test_weighted_average_matches_hand_computation(recorder: RunRecorder) -> None:
+    a = [np.array([1.0, 2.0], dtype=np.float32), np.array([[3.0]], dtype=np.float32)]
+    b = [np.array([5.0, 10.0], dtype=np.float32), np.array([[-1.0]], dtype=np.float32)]
+    strategy = TrackedFedAvg(recorder)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(11, a, 30), _reply(22, b, 10)])
+    result = [array.numpy() for array in arrays.values()]
+    # by hand: (30 * a + 10 * b) / 40
+    np.testing.assert_allclose(result[0], [(30 * 1 + 10 * 5) / 40, (30 * 2 + 10 * 10) / 40])
+    np.testing.assert_allclose(result[1], [[(30 * 3 - 10 * 1) / 40]])
+    assert result[0].dtype == np.float32
+    assert metrics["num-examples"] == 40
+    comm = recorder.round(1)["communication"]
+    assert comm["up_bytes"] == payload_bytes(ArrayRecord(a)) + payload_bytes(ArrayRecord(b))
+    assert comm["per_node"]["11"]["up_bytes"] == payload_bytes(ArrayRecord(a))
+
+
+def test_after_aggregate_hook_decides_the_next_global_model(recorder: RunRecorder) -> None:
+    seen = {}
+
+    def double(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        seen["round"] = server_round
+        return ArrayRecord([array.numpy() * 2 for array in arrays.values()])
+
+    strategy = TrackedFedAvg(recorder, after_aggregate=double)
+    arrays, _ = strategy.aggregate_train(3, [_reply(1, [np.ones(2, dtype=np.float32)], 5)])
+    assert seen["round"] == 3
+    np.testing.assert_array_equal(next(iter(arrays.values())).numpy(), [2.0, 2.0])
+
+
+def test_client_mcc_comes_from_summed_confusion_counts() -> None:
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, 2, n) for n in (40, 25)]
+    predictions = [np.where(rng.random(len(y)) < 0.7, y, 1 - y) for y in labels]
+    per_client = [EvalCounts.from_predictions(float(len(y)), y, p) for y, p in zip(labels, predictions, strict=True)]
+    replies = [RecordDict({"metrics": MetricRecord(c.metrics())}) for c in per_client]
+    combined = aggregate_evaluate_metrics(replies, "num-examples")
+    all_labels, all_predictions = np.concatenate(labels), np.concatenate(predictions)
+    assert combined["mcc"] == pytest.approx(matthews_corrcoef(all_labels, all_predictions), abs=1e-12)
+    assert combined["accuracy"] == pytest.approx(np.mean(all_labels == all_predictions))
+    assert combined["num-examples"] == 65 and combined["loss"] == pytest.approx(1.0)
+    weighted_mean_mcc = sum(c.metrics()["mcc"] * c.num_examples for c in per_client) / 65
+    assert combined["mcc"] != pytest.approx(weighted_mean_mcc, abs=1e-6)
+
+
+def test_failed_replies_are_recorded_not_aggregated(recorder: RunRecorder) -> None:
+    from flwr.app import Error
+
+    good = _reply(1, [np.ones(2, dtype=np.float32)], 5)
+    TaskIdentity.node_id = 0
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=2, message_type="train")
+    TaskIdentity.node_id = 2
+    bad = Message(Error(code=0, reason="client crashed"), reply_to=instruction)
+    arrays, _ = TrackedFedAvg(recorder).aggregate_train(1, [good, bad])
+    np.testing.assert_array_equal(next(iter(arrays.values())).numpy(), [1.0, 1.0])
+    assert recorder.round(1)["failures"] == [{"stage": "train", "node_id": 2, "reason": "client crashed"}]
