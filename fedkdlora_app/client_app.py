@@ -28,8 +28,10 @@ def partition_of(context: Context) -> tuple[int, int]:
     try:
         return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except KeyError as error:
-        raise KeyError(f"node config lacks {error}: start the SuperNode with --node-config "
-                       "'partition-id=<i> num-partitions=<n>'") from error
+        raise KeyError(
+            f"node config lacks {error}: start the SuperNode with --node-config "
+            "'partition-id=<i> num-partitions=<n>'"
+        ) from error
 
 
 def _received_model(message: Message, config: RunConfig) -> torch.nn.Module:

@@ -120,7 +120,10 @@ class RunConfig:
             raise ConfigError(
                 f"run-config key 'teacher-data-pct' = {self.teacher_data_pct}: must be in [0, 100)"
             )
-        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
+        for key, value in (
+            ("fraction-train", self.fraction_train),
+            ("fraction-evaluate", self.fraction_evaluate),
+        ):
             if not 0 < value <= 1:
                 raise ConfigError(f"run-config key '{key}' = {value}: must be in (0, 1]")
         if self.dirichlet_alpha <= 0:
@@ -144,7 +147,6 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         return float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(
-            f"run-config key '{key}' = {value!r}: expected {expected.__name__}, "
-            f"got {type(value).__name__}"
+            f"run-config key '{key}' = {value!r}: expected {expected.__name__}, got {type(value).__name__}"
         )
     return value

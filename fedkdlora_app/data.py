@@ -70,7 +70,9 @@ def load_split(config: RunConfig, split: str) -> datasets.Dataset:
     return dataset.select_columns(["sentence", "label", "idx"])
 
 
-def split_public(train: datasets.Dataset, teacher_data_pct: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+def split_public(
+    train: datasets.Dataset, teacher_data_pct: float
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Return (server's public slice, clients' pool): the first pct % and the rest."""
     num_public = int(len(train) * teacher_data_pct / 100)
     return train.select(range(num_public)), train.select(range(num_public, len(train)))
@@ -92,17 +94,13 @@ def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
     return IidPartitioner(num_partitions=num_partitions)
 
 
-def client_train_partition(
-    config: RunConfig, partition_id: int, num_partitions: int
-) -> datasets.Dataset:
+def client_train_partition(config: RunConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
     """Client `partition_id`'s training examples (capped by max-train-examples-per-client)."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
     _, pool = split_public(load_split(config, "train"), config.teacher_data_pct)
     if len(pool) < num_partitions:
-        raise DataError(
-            f"{len(pool)} client training examples cannot fill {num_partitions} partitions"
-        )
+        raise DataError(f"{len(pool)} client training examples cannot fill {num_partitions} partitions")
     if config.partitioning == "iid":
         pool = pool.shuffle(seed=config.seed).flatten_indices()
     partitioner = make_partitioner(config, num_partitions)

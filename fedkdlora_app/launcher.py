@@ -32,12 +32,24 @@ PATH_KEYS = ("data-dir", "results-dir", "student-model")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fedkdlora-run", description=__doc__.splitlines()[0])
     parser.add_argument("app", nargs="?", default=".", help="app directory (default: .)")
-    parser.add_argument("--run-config", "-c", action="append", default=[],
-                        help="run-config overrides, as for `flwr run` ('k=v k2=v2' or a TOML file)")
-    parser.add_argument("--federation-config", action="append", default=[],
-                        help="e.g. 'num-supernodes=4 client-resources-num-cpus=1 client-resources-num-gpus=0.25'")
-    parser.add_argument("--flwr-home", default=None,
-                        help="FLWR_HOME for the local SuperLink (default: a fresh temporary folder)")
+    parser.add_argument(
+        "--run-config",
+        "-c",
+        action="append",
+        default=[],
+        help="run-config overrides, as for `flwr run` ('k=v k2=v2' or a TOML file)",
+    )
+    parser.add_argument(
+        "--federation-config",
+        action="append",
+        default=[],
+        help="e.g. 'num-supernodes=4 client-resources-num-cpus=1 client-resources-num-gpus=0.25'",
+    )
+    parser.add_argument(
+        "--flwr-home",
+        default=None,
+        help="FLWR_HOME for the local SuperLink (default: a fresh temporary folder)",
+    )
     return parser.parse_args(argv)
 
 

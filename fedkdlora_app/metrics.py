@@ -46,7 +46,9 @@ class EvalCounts:
         """Mean per-example loss, accuracy, MCC, example count and the counts themselves."""
         n = self.num_examples
         # MCC from the confusion matrix: one example per cell, weighted by its count.
-        mcc = matthews_corrcoef([0, 0, 1, 1], [0, 1, 0, 1], sample_weight=[self.tn, self.fp, self.fn, self.tp])
+        mcc = matthews_corrcoef(
+            [0, 0, 1, 1], [0, 1, 0, 1], sample_weight=[self.tn, self.fp, self.fn, self.tp]
+        )
         return {
             "loss": self.loss_sum / n,
             "accuracy": (self.tp + self.tn) / n,
@@ -79,7 +81,8 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> 
     total = sum(weights)
     return MetricRecord(
         {
-            "train-loss": sum(float(m["train-loss"]) * w for m, w in zip(all_metrics, weights, strict=True)) / total,
+            "train-loss": sum(float(m["train-loss"]) * w for m, w in zip(all_metrics, weights, strict=True))
+            / total,
             weighted_by_key: total,
             "train-seconds-max": max(float(m["train-seconds"]) for m in all_metrics),
         }

@@ -118,10 +118,7 @@ def build_student(config: RunConfig) -> torch.nn.Module:
 
 def shipped_state(model: torch.nn.Module, config: RunConfig) -> dict[str, torch.Tensor]:
     """What travels each round: all weights (FedAvg) or adapter + head (LoRA schemes)."""
-    if config.uses_lora:
-        state = get_peft_model_state_dict(model)
-    else:
-        state = model.state_dict()
+    state = get_peft_model_state_dict(model) if config.uses_lora else model.state_dict()
     return {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
 
 
@@ -155,7 +152,9 @@ def save_student(model: torch.nn.Module, config: RunConfig, out_dir: Path) -> Pa
         base_dir = base_model_dir(config, Path(config.results_dir))
         if not base_dir.is_dir():
             base = load_classifier(config.student_model, config.num_labels, config.student_layers)
-            _atomic_save_dir(base_dir, lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+            _atomic_save_dir(
+                base_dir, lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
+            )
         assert isinstance(model, PeftModel)
         model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
     _atomic_save_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))

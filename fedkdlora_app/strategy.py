@@ -33,7 +33,9 @@ def payload_params(record: ArrayRecord) -> int:
 class TrackedFedAvg(FedAvg):
     """FedAvg that records communication, failures and client metrics per round."""
 
-    def __init__(self, recorder: RunRecorder, after_aggregate: AfterAggregate | None = None, **kwargs) -> None:
+    def __init__(
+        self, recorder: RunRecorder, after_aggregate: AfterAggregate | None = None, **kwargs
+    ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_evaluate_metrics)
         super().__init__(**kwargs)
@@ -54,7 +56,9 @@ class TrackedFedAvg(FedAvg):
         replies = list(replies)
         for reply in self._successful(server_round, "train", replies):
             record = reply.content.array_records[self.arrayrecord_key]
-            self.recorder.add_bytes(server_round, reply.metadata.src_node_id, "up", "train", payload_bytes(record))
+            self.recorder.add_bytes(
+                server_round, reply.metadata.src_node_id, "up", "train", payload_bytes(record)
+            )
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self.after_aggregate is not None:
             arrays = self.after_aggregate(server_round, arrays)
@@ -80,7 +84,9 @@ class TrackedFedAvg(FedAvg):
     def _count_down(self, server_round: int, stage: str, messages: list[Message]) -> None:
         for message in messages:
             record = message.content.array_records[self.arrayrecord_key]
-            self.recorder.add_bytes(server_round, message.metadata.dst_node_id, "down", stage, payload_bytes(record))
+            self.recorder.add_bytes(
+                server_round, message.metadata.dst_node_id, "down", stage, payload_bytes(record)
+            )
         if messages:
             self.recorder.set_params_per_message(
                 server_round, stage, payload_params(messages[0].content.array_records[self.arrayrecord_key])

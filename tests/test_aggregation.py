@@ -61,7 +61,9 @@ def test_client_mcc_comes_from_summed_confusion_counts() -> None:
     rng = np.random.default_rng(0)
     labels = [rng.integers(0, 2, n) for n in (40, 25)]
     predictions = [np.where(rng.random(len(y)) < 0.7, y, 1 - y) for y in labels]
-    per_client = [EvalCounts.from_predictions(float(len(y)), y, p) for y, p in zip(labels, predictions, strict=True)]
+    per_client = [
+        EvalCounts.from_predictions(float(len(y)), y, p) for y, p in zip(labels, predictions, strict=True)
+    ]
     replies = [RecordDict({"metrics": MetricRecord(c.metrics())}) for c in per_client]
     combined = aggregate_evaluate_metrics(replies, "num-examples")
     all_labels, all_predictions = np.concatenate(labels), np.concatenate(predictions)

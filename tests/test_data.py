@@ -19,7 +19,12 @@ from tests.conftest import GLUE_DIR, make_config
 
 @pytest.mark.parametrize(
     ("task", "split", "rows", "positives"),
-    [("cola", "train", 8551, 6023), ("cola", "dev", 1043, 721), ("sst2", "train", 67349, 37569), ("sst2", "dev", 872, 444)],
+    [
+        ("cola", "train", 8551, 6023),
+        ("cola", "dev", 1043, 721),
+        ("sst2", "train", 67349, 37569),
+        ("sst2", "dev", 872, 444),
+    ],
 )
 def test_glue_tsv_row_counts_and_labels(task: str, split: str, rows: int, positives: int) -> None:
     dataset = read_glue_tsv(GLUE_DIR / task / f"{split}.tsv", task)
@@ -37,7 +42,7 @@ def test_cola_quotes_are_kept_inside_sentences() -> None:
 
 
 def test_missing_file_is_named() -> None:
-    with pytest.raises(DataError, match="nope.tsv"):
+    with pytest.raises(DataError, match=r"nope\.tsv"):
         read_glue_tsv(GLUE_DIR / "cola" / "nope.tsv", "cola")
 
 

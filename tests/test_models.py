@@ -39,8 +39,9 @@ def test_student_keeps_the_chosen_layers_weights_exactly() -> None:
         keys = [k for k in state if k.startswith(prefix)]
         assert len(keys) == 16
         for key in keys:
-            torch.testing.assert_close(state[key], base[key.replace(prefix, f"bert.encoder.layer.{base_layer}.")],
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(
+                state[key], base[key.replace(prefix, f"bert.encoder.layer.{base_layer}.")], rtol=0, atol=0
+            )
     for key in (k for k in state if k.startswith("bert.embeddings") or k.startswith("bert.pooler")):
         assert torch.equal(state[key], base[key])
     assert not any(k.startswith("bert.encoder.layer.3.") for k in state)
