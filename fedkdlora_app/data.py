@@ -37,19 +37,35 @@ class DataError(ValueError):
 
 
 def read_glue_tsv(path: Path, task: str) -> datasets.Dataset:
-    """Read one GLUE TSV into a Dataset: `sentence`, `label`, `idx` (row number in the file)."""
+    """Read one GLUE TSV into a Dataset: `sentence`, `label`, `idx` (row number in the file).
+
+    A malformed file is an error naming the file and its first bad line: a silently
+    dropped or mislabelled row would change every number the run reports.
+    """
     if not path.is_file():
         raise DataError(f"missing data file: {path}")
     layout = _TSV_LAYOUT[task]
-    frame = pd.read_csv(
-        path,
-        sep="\t",
-        header=layout["header"],
-        names=layout["names"],
-        quoting=csv.QUOTE_NONE,
-        keep_default_na=False,
-        dtype={"sentence": str},
-    )
+    try:
+        frame = pd.read_csv(
+            path,
+            sep="\t",
+            header=layout["header"],
+            names=layout["names"],
+            quoting=csv.QUOTE_NONE,
+            keep_default_na=False,
+            dtype=str,
+        )
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a GLUE {task} TSV ({' '.join(str(error).split())})") from error
+    if not {"sentence", "label"} <= set(frame.columns):
+        raise DataError(f"{path}: expected columns 'sentence' and 'label', found {list(frame.columns)}")
+    first_line = 1 if layout["header"] is None else 2
+    bad_label = ~frame["label"].isin(["0", "1"])
+    empty = frame["sentence"].str.strip() == ""
+    for mask, problem in ((bad_label, "label is not 0 or 1"), (empty, "empty sentence")):
+        if mask.any():
+            row = int(mask.to_numpy().argmax())
+            raise DataError(f"{path}, line {row + first_line}: {problem} ({int(mask.sum())} such row(s))")
     frame = frame[["sentence", "label"]].astype({"label": "int64"})
     frame["idx"] = range(len(frame))
     return datasets.Dataset.from_pandas(frame, preserve_index=False)

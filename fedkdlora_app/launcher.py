@@ -25,6 +25,8 @@ import psutil
 import tomli_w
 from flwr.common.config import get_project_config, parse_config_args
 
+from fedkdlora_app.config import ConfigError, RunConfig
+
 # Run-config keys that name files or folders; relative values are taken from the cwd.
 PATH_KEYS = ("data-dir", "results-dir", "student-model")
 
@@ -54,16 +56,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path) -> dict:
-    """Overrides with every path key absolute (defaults included, so results land here)."""
+    """Overrides with every path key absolute (defaults included, so results land here).
+
+    The merged config is validated here, so a typo fails in one line before a
+    SuperLink is started or a model loaded.
+    """
     defaults = get_project_config(app_dir)["tool"]["flwr"]["app"]["config"]
     values = parse_config_args(overrides) if overrides else {}
-    unknown = sorted(set(values) - set(defaults))
-    if unknown:
-        raise SystemExit(f"fedkdlora-run: unknown run-config key(s): {', '.join(unknown)}")
     for key in PATH_KEYS:
-        value = values.get(key, defaults[key])
+        value = values.get(key, defaults.get(key))
         if value and not Path(value).is_absolute() and (key != "student-model" or (cwd / value).exists()):
             values[key] = str((cwd / value).resolve())
+    RunConfig.from_mapping({**defaults, **values})
     return values
 
 
@@ -118,7 +122,11 @@ def stop_local_superlink(flwr_home: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     app_dir = Path(args.app).resolve()
-    run_config = resolved_run_config(app_dir, args.run_config, Path.cwd())
+    try:
+        run_config = resolved_run_config(app_dir, args.run_config, Path.cwd())
+    except ConfigError as error:
+        print(f"fedkdlora-run: {error}", file=sys.stderr)
+        return 2
     temporary_home = args.flwr_home is None
     flwr_home = Path(tempfile.mkdtemp(prefix="fedkdlora-flwr-")) if temporary_home else Path(args.flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedkdlora_app.config import RunConfig
-from fedkdlora_app.data import TokenizedDataset, eval_split, make_loader
+from fedkdlora_app.data import TokenizedDataset, eval_split, load_split, make_loader, split_public
 from fedkdlora_app.models import (
     base_model_dir,
     build_student,
@@ -42,6 +42,8 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None:
     seed_everything(config.seed)
+    # Read train here too: a malformed file must stop the run before any client trains.
+    public, client_pool = split_public(load_split(config, "train"), config.teacher_data_pct)
     device = pick_device()
     student = build_student(config)
     tokenizer = load_tokenizer(config.student_model)
@@ -55,6 +57,8 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
         shipped_parameters=sum(t.numel() for t in initial_arrays.to_torch_state_dict().values()),
         shipped_bytes_per_message=payload_bytes(initial_arrays),
         eval_examples=len(eval_loader.dataset),
+        public_examples=len(public),
+        client_pool_examples=len(client_pool),
     )
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -105,3 +105,21 @@ def test_more_partitions_than_examples_is_an_error() -> None:
     config = make_config(task="cola", **{"teacher-data-pct": 99.99})
     with pytest.raises(DataError, match="cannot fill"):
         client_train_partition(config, 0, 4)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("sentence\tlabel\ngood film \t1\nbad film \tx\n", "line 3: label is not 0 or 1"),
+        ("sentence\tlabel\ngood film \t1\n \t0\n", "line 3: empty sentence"),
+        ("sentence\tlabel\ngood film \t1\nbad\tfilm\t0\n", "not a GLUE sst2 TSV"),
+        ("text\tgold\nfine \t1\n", "expected columns 'sentence' and 'label'"),
+    ],
+)
+def test_malformed_tsv_names_file_and_line(tmp_path, content: str, message: str) -> None:
+    path = tmp_path / "dev.tsv"
+    path.write_text(content)
+    with pytest.raises(DataError) as error:
+        read_glue_tsv(path, "sst2")
+    assert str(path) in str(error.value) and message in str(error.value)
+    assert "\n" not in str(error.value)

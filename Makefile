@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make demo` (set up + quick run) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel first: with no torch installed, an unpinned `torch` pulls a multi-GB CUDA build.
+# On a GPU machine: make setup TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+# The local GLUE copy beside the repo when present, else "" = the Hugging Face hub.
+GLUE ?= $(if $(wildcard ../shared/data/glue/sst2/train.tsv),../shared/data/glue,)
+DEMO_CONFIG ?= num-server-rounds=5 max-train-examples-per-client=500 max-eval-examples=400
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/fedkdlora-run . --run-config "data-dir='$(GLUE)' $(DEMO_CONFIG)"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,112 @@
+"""End to end: real `flwr run` simulations (Ray, 2 SuperNodes) through `fedkdlora-run`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedkdlora_app import launcher
+from fedkdlora_app.data import TokenizedDataset, eval_split, make_loader
+from fedkdlora_app.models import load_saved_student, load_tokenizer
+from fedkdlora_app.training import evaluate
+from tests.conftest import GLUE_DIR, REPO, make_config
+
+ROUNDS = 2
+QUICK = {
+    "task": "cola",
+    "num-server-rounds": ROUNDS,
+    "max-train-examples-per-client": 32,
+    "max-eval-examples": 64,
+    "batch-size": 16,
+}
+
+
+def _overrides(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def simulate(results_dir: Path, **overrides: Any) -> tuple[int, dict[str, Any] | None]:
+    """Run the app; return the launcher's exit code and the run's results JSON."""
+    values = {**QUICK, "data-dir": str(GLUE_DIR), "results-dir": str(results_dir), **overrides}
+    code = launcher.main([str(REPO), "--run-config", _overrides(values)])
+    files = sorted(results_dir.glob("*.json"))
+    return code, (json.loads(files[-1].read_text()) if files else None)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """One FedAvg and one FedLoRA run, same data, seed and rounds."""
+    out = {}
+    for scheme in ("fedavg", "fedlora"):
+        results_dir = tmp_path_factory.mktemp(scheme)
+        code, results = simulate(results_dir, scheme=scheme)
+        assert code == 0, results and results["run"]["error"]
+        out[scheme] = (results_dir, results)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["fedavg", "fedlora"])
+def test_every_round_is_reported_with_finite_metrics(runs, scheme: str) -> None:
+    _, results = runs[scheme]
+    assert results["run"]["status"] == "completed"
+    assert [r["round"] for r in results["rounds"]] == list(range(ROUNDS + 1))
+    for entry in results["rounds"]:
+        server = entry["server"]["student"]
+        assert server["num-examples"] == 64
+        for key in ("loss", "accuracy", "mcc"):
+            assert math.isfinite(server[key]), (entry["round"], key)
+        assert entry["wall_seconds"] > 0 and entry["failures"] == []
+    for entry in results["rounds"][1:]:
+        clients = entry["clients"]
+        # the two clients' eval shards tile the server's eval subset
+        assert clients["evaluate"]["num-examples"] == 64
+        assert clients["train"]["num-examples"] == 2 * 32
+        comm = entry["communication"]
+        assert len(comm["per_node"]) == 2
+        assert comm["up_bytes"] == 2 * results["model"]["shipped_bytes_per_message"]
+        assert comm["down_bytes"] == 2 * comm["up_bytes"]  # train + evaluate downlink
+    last = results["rounds"][-1]["communication"]
+    assert last["cumulative_up_bytes"] == ROUNDS * last["up_bytes"]
+    assert results["versions"]["flwr"] == "1.42.0"
+
+
+def test_fedlora_ships_under_a_hundredth_of_fedavg(runs) -> None:
+    up = {scheme: runs[scheme][1]["rounds"][1]["communication"]["up_bytes"] for scheme in runs}
+    assert up["fedlora"] * 100 < up["fedavg"], up
+
+
+@pytest.mark.parametrize("scheme", ["fedavg", "fedlora"])
+def test_saved_student_reproduces_the_final_server_metrics(runs, scheme: str) -> None:
+    results_dir, results = runs[scheme]
+    config = make_config(scheme=scheme, **{**QUICK, "results-dir": str(results_dir)})
+    model = load_saved_student(Path(results["artifacts"]["student"]))
+    tokenizer = load_tokenizer("")
+    loader = make_loader(
+        TokenizedDataset(eval_split(config), tokenizer, config.max_seq_length), tokenizer, config.batch_size
+    )
+    metrics = evaluate(model, loader, model.device).metrics()
+    reported = results["rounds"][-1]["server"]["student"]
+    assert metrics["accuracy"] == reported["accuracy"]
+    assert metrics["mcc"] == pytest.approx(reported["mcc"], abs=1e-12)
+    assert metrics["loss"] == pytest.approx(reported["loss"], rel=1e-5)
+
+
+def test_a_failing_run_exits_non_zero_and_keeps_its_record(tmp_path) -> None:
+    data_dir = tmp_path / "glue"
+    (data_dir / "sst2").mkdir(parents=True)
+    (data_dir / "sst2" / "train.tsv").write_bytes((GLUE_DIR / "sst2" / "train.tsv").read_bytes())
+    (data_dir / "sst2" / "dev.tsv").write_text("sentence\tlabel\ngood \t1\nbad \tnegative\n")
+    code, results = simulate(tmp_path / "results", task="sst2", **{"data-dir": str(data_dir)})
+    assert code == 1
+    assert results["run"]["status"] == "failed"
+    assert "dev.tsv, line 3: label is not 0 or 1" in results["run"]["error"]
+
+
+def test_bad_run_config_fails_before_any_run(tmp_path, capsys) -> None:
+    code, results = simulate(tmp_path, **{"lora-r": 0})
+    assert code == 2 and results is None
+    assert "'lora-r' = 0: must be >= 1" in capsys.readouterr().err
