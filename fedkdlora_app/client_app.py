@@ -1,18 +1,27 @@
-"""ClientApp: local training and evaluation on this node's partition."""
+"""ClientApp: local training (optionally distilling from a frozen teacher) and evaluation."""
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.data import cached_client_examples, make_loader
-from fedkdlora_app.models import build_student, load_shipped_state, load_tokenizer, shipped_state
+from fedkdlora_app.distillation import TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY
+from fedkdlora_app.models import (
+    build_student,
+    load_classifier,
+    load_shipped_state,
+    load_tokenizer,
+    shipped_state,
+)
 from fedkdlora_app.seeding import client_seed
-from fedkdlora_app.training import evaluate, pick_device, train_epochs
+from fedkdlora_app.training import cross_entropy, distil_from, evaluate, pick_device, train_epochs
 
 app = ClientApp()
 
@@ -40,6 +49,44 @@ def _received_model(message: Message, config: RunConfig) -> torch.nn.Module:
     return model
 
 
+@lru_cache(maxsize=1)
+def _teacher_from_path(path: str, num_labels: int) -> torch.nn.Module:
+    return load_classifier(path, num_labels).eval().requires_grad_(False)
+
+
+_shipped_teachers: dict[str, torch.nn.Module] = {}
+
+
+def _teacher_from_state(state: RecordDict) -> torch.nn.Module:
+    """Built once per process and run (keyed on the id the server gave it)."""
+    teacher_id = str(state[TEACHER_CONFIG_KEY]["id"])
+    if teacher_id not in _shipped_teachers:
+        _shipped_teachers.clear()  # one run's teacher at a time
+        model_config = AutoConfig.for_model(**json.loads(state[TEACHER_CONFIG_KEY]["model-config"]))
+        teacher = AutoModelForSequenceClassification.from_config(model_config)
+        teacher.load_state_dict(state[TEACHER_ARRAYS_KEY].to_torch_state_dict(), strict=True)
+        _shipped_teachers[teacher_id] = teacher.eval().requires_grad_(False)
+    return _shipped_teachers[teacher_id]
+
+
+def frozen_teacher(message: Message, context: Context, config: RunConfig) -> torch.nn.Module:
+    """The node's `teacher-path` if its node config has one, else the copy the server shipped once.
+
+    The shipped copy is kept in `context.state`, which the node keeps across rounds.
+    """
+    if "teacher-path" in context.node_config:
+        return _teacher_from_path(str(context.node_config["teacher-path"]), config.num_labels)
+    for key in (TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY):
+        if key in message.content:
+            context.state[key] = message.content[key]
+    if TEACHER_CONFIG_KEY not in context.state:
+        raise RuntimeError(
+            "client-kd = true but this node has no teacher: the server ships it with a node's first "
+            "train message, or set 'teacher-path' in the node config"
+        )
+    return _teacher_from_state(context.state)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     config = RunConfig.from_mapping(context.run_config)
@@ -50,7 +97,14 @@ def train(message: Message, context: Context) -> Message:
     model = _received_model(message, config)
     examples = cached_client_examples(config, partition_id, num_partitions, "train")
     loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size, shuffle_seed=seed)
-    result = train_epochs(model, loader, config.learning_rate, config.local_epochs, pick_device())
+    device = pick_device()
+    objective = cross_entropy
+    if config.client_kd:
+        teacher = frozen_teacher(message, context, config).to(device)
+        objective = distil_from(teacher, config.kd_alpha, config.kd_temperature)
+    result = train_epochs(
+        model, loader, config.learning_rate, config.local_epochs, device, objective, what="local training"
+    )
     metrics = MetricRecord(
         {"num-examples": result.num_examples, "train-loss": result.mean_loss, "train-seconds": result.seconds}
     )

@@ -13,9 +13,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMES = ("fedavg", "fedlora")
+SCHEMES = ("fedavg", "fedlora", "fedkdlora")
 TASKS = ("cola", "sst2")
 PARTITIONINGS = ("seed", "iid", "dirichlet")
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """`[tool.flwr.app.config]` of the app's pyproject.toml: the one home of the defaults."""
+    from flwr.common.config import get_project_config
+
+    return dict(get_project_config(app_dir)["tool"]["flwr"]["app"]["config"])
 
 
 class ConfigError(ValueError):
@@ -51,6 +58,17 @@ class RunConfig:
     max_eval_examples: int
     seed: int
     results_dir: str
+    teacher_model: str
+    teacher_base_model: str
+    teacher_pretrain_epochs: int
+    teacher_lr: float
+    teacher_epochs: int
+    kd_epochs: int
+    distill_lr: float
+    max_public_examples: int
+    client_kd: bool
+    kd_alpha: float
+    kd_temperature: float
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -83,6 +101,11 @@ class RunConfig:
         return self.scheme != "fedavg"
 
     @property
+    def uses_teacher(self) -> bool:
+        """Only FedKDLoRA has a server-side teacher."""
+        return self.scheme == "fedkdlora"
+
+    @property
     def learning_rate(self) -> float:
         """Full fine-tuning and LoRA need learning rates an order of magnitude apart."""
         return self.lora_client_lr if self.uses_lora else self.client_lr
@@ -108,10 +131,20 @@ class RunConfig:
             ("student-layers", self.student_layers, 0),
             ("max-train-examples-per-client", self.max_train_examples_per_client, 0),
             ("max-eval-examples", self.max_eval_examples, 0),
+            ("teacher-pretrain-epochs", self.teacher_pretrain_epochs, 0),
+            ("teacher-epochs", self.teacher_epochs, 0),
+            ("kd-epochs", self.kd_epochs, 0),
+            ("max-public-examples", self.max_public_examples, 0),
         ):
             if value < low:
                 raise ConfigError(f"run-config key '{key}' = {value}: must be >= {low}")
-        for key, value in (("client-lr", self.client_lr), ("lora-client-lr", self.lora_client_lr)):
+        for key, value in (
+            ("client-lr", self.client_lr),
+            ("lora-client-lr", self.lora_client_lr),
+            ("teacher-lr", self.teacher_lr),
+            ("distill-lr", self.distill_lr),
+            ("kd-temperature", self.kd_temperature),
+        ):
             if value <= 0:
                 raise ConfigError(f"run-config key '{key}' = {value}: must be > 0")
         if not 0 <= self.lora_dropout < 1:
@@ -126,6 +159,22 @@ class RunConfig:
         ):
             if not 0 < value <= 1:
                 raise ConfigError(f"run-config key '{key}' = {value}: must be in (0, 1]")
+        if self.kd_alpha < 0:
+            raise ConfigError(f"run-config key 'kd-alpha' = {self.kd_alpha}: must be >= 0")
+        if self.uses_teacher and self.teacher_data_pct == 0:
+            raise ConfigError(
+                "run-config key 'teacher-data-pct' = 0.0: "
+                "fedkdlora needs a public slice (> 0) for its teacher"
+            )
+        if self.client_kd and not self.uses_teacher:
+            raise ConfigError(
+                f"run-config key 'client-kd' = true: needs scheme 'fedkdlora', not '{self.scheme}'"
+            )
+        if self.teacher_model and not (Path(self.teacher_model) / "config.json").is_file():
+            raise ConfigError(
+                f"run-config key 'teacher-model' = '{self.teacher_model}': no model directory "
+                "(config.json) there; give a folder written by fedkdlora-pretrain-teacher, or '' to pre-train"
+            )
         if self.dirichlet_alpha <= 0:
             raise ConfigError(f"run-config key 'dirichlet-alpha' = {self.dirichlet_alpha}: must be > 0")
         if self.data_dir:

@@ -94,6 +94,12 @@ def split_public(
     return train.select(range(num_public)), train.select(range(num_public, len(train)))
 
 
+def public_split(config: RunConfig) -> datasets.Dataset:
+    """The server's public slice (capped by max-public-examples): the teacher's data."""
+    public, _ = split_public(load_split(config, "train"), config.teacher_data_pct)
+    return _first(public, config.max_public_examples)
+
+
 def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
     """The run-config's partitioning as a `flwr-datasets` partitioner."""
     if config.partitioning == "dirichlet":
@@ -179,6 +185,17 @@ def make_loader(
         shuffle=shuffle_seed is not None,
         generator=generator,
         collate_fn=DataCollatorWithPadding(tokenizer),
+    )
+
+
+def loader_for(dataset: datasets.Dataset, config: RunConfig, shuffle_seed: int | None = None) -> DataLoader:
+    """Tokenise `dataset` with the run's tokenizer and batch it."""
+    tokenizer = load_tokenizer(config.student_model)
+    return make_loader(
+        TokenizedDataset(dataset, tokenizer, config.max_seq_length),
+        tokenizer,
+        config.batch_size,
+        shuffle_seed,
     )
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import psutil
 import tomli_w
-from flwr.common.config import get_project_config, parse_config_args
+from flwr.common.config import parse_config_args
 
-from fedkdlora_app.config import ConfigError, RunConfig
+from fedkdlora_app.config import ConfigError, RunConfig, app_defaults
 
 # Run-config keys that name files or folders; relative values are taken from the cwd.
-PATH_KEYS = ("data-dir", "results-dir", "student-model")
+PATH_KEYS = ("data-dir", "results-dir", "student-model", "teacher-model", "teacher-base-model")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,11 +61,11 @@ def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path) -> dict:
     The merged config is validated here, so a typo fails in one line before a
     SuperLink is started or a model loaded.
     """
-    defaults = get_project_config(app_dir)["tool"]["flwr"]["app"]["config"]
+    defaults = app_defaults(app_dir)
     values = parse_config_args(overrides) if overrides else {}
     for key in PATH_KEYS:
         value = values.get(key, defaults.get(key))
-        if value and not Path(value).is_absolute() and (key != "student-model" or (cwd / value).exists()):
+        if value and not Path(value).is_absolute() and (not key.endswith("model") or (cwd / value).exists()):
             values[key] = str((cwd / value).resolve())
     RunConfig.from_mapping({**defaults, **values})
     return values

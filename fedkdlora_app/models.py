@@ -84,16 +84,35 @@ def keep_layers(model: PreTrainedModel, indices: list[int]) -> PreTrainedModel:
     return model
 
 
-def load_classifier(name: str, num_labels: int, num_layers: int = 0) -> PreTrainedModel:
-    """A sequence classifier from `name`, reduced to `num_layers` strided layers (0 = all)."""
+def load_classifier(
+    name: str, num_labels: int, num_layers: int = 0, attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """A sequence classifier from `name`, reduced to `num_layers` strided layers (0 = all).
+
+    `attn_implementation="eager"` where attention maps are needed (distillation): the
+    default SDPA kernels do not return them.
+    """
     source = resolve_model_source(name)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
     except OSError as error:
         raise ModelError(f"cannot load model '{name or EMBEDDED_MODEL_NAME}': {error}") from error
     if num_layers:
         keep_layers(model, strided_layer_indices(model.config.num_hidden_layers, num_layers))
     return model
+
+
+def check_same_tokenizer(student_name: str, teacher_name: str, teacher_key: str) -> None:
+    """Distillation compares logits and attention maps token by token: one tokenizer."""
+    student_vocab = load_tokenizer(student_name).get_vocab()
+    teacher_vocab = load_tokenizer(teacher_name).get_vocab()
+    if student_vocab != teacher_vocab:
+        raise ModelError(
+            f"run-config key '{teacher_key}' = '{teacher_name}': its tokenizer differs from the student's "
+            f"('{student_name or EMBEDDED_MODEL_NAME}', vocab {len(teacher_vocab)} vs {len(student_vocab)}); "
+            "teacher and student must share one tokenizer"
+        )
 
 
 def lora_config(config: RunConfig) -> LoraConfig:
@@ -108,9 +127,11 @@ def lora_config(config: RunConfig) -> LoraConfig:
     )
 
 
-def build_student(config: RunConfig) -> torch.nn.Module:
+def build_student(config: RunConfig, attn_implementation: str | None = None) -> torch.nn.Module:
     """The student every party starts from; seed torch first for an identical head."""
-    model = load_classifier(config.student_model, config.num_labels, config.student_layers)
+    model = load_classifier(
+        config.student_model, config.num_labels, config.student_layers, attn_implementation
+    )
     if config.uses_lora:
         model = get_peft_model(model, lora_config(config))
     return model
@@ -152,12 +173,10 @@ def save_student(model: torch.nn.Module, config: RunConfig, out_dir: Path) -> Pa
         base_dir = base_model_dir(config, Path(config.results_dir))
         if not base_dir.is_dir():
             base = load_classifier(config.student_model, config.num_labels, config.student_layers)
-            _atomic_save_dir(
-                base_dir, lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
-            )
+            atomic_save_dir(base_dir, lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         assert isinstance(model, PeftModel)
         model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
-    _atomic_save_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    atomic_save_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return out_dir
 
 
@@ -170,7 +189,7 @@ def load_saved_student(model_dir: Path) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(model_dir)
 
 
-def _atomic_save_dir(target: Path, write) -> None:
+def atomic_save_dir(target: Path, write) -> None:
     """Write into a temporary sibling, then rename: a crash never leaves half a model."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

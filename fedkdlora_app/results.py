@@ -75,6 +75,7 @@ class RunRecorder:
             "config": config.to_dict(),
             "versions": package_versions(),
             "model": {},
+            "teacher": None,
             "rounds": [],
             "artifacts": {},
         }
@@ -96,6 +97,7 @@ class RunRecorder:
                 "up_bytes": 0,
                 "down_bytes_train": 0,
                 "down_bytes_evaluate": 0,
+                "down_bytes_teacher": 0,
                 "params_per_message": {},
                 "per_node": {},
             },
@@ -121,6 +123,9 @@ class RunRecorder:
 
     def add_failure(self, server_round: int, stage: str, node_id: int, reason: str) -> None:
         self.round(server_round)["failures"].append({"stage": stage, "node_id": node_id, "reason": reason})
+
+    def set_distillation(self, server_round: int, distillation: dict[str, Any]) -> None:
+        self.round(server_round)["distillation"] = distillation
 
     def set_client_metrics(self, server_round: int, stage: str, metrics: dict[str, Any]) -> None:
         self.round(server_round)["clients"][stage] = metrics
@@ -153,6 +158,11 @@ class RunRecorder:
     # --- run-level ---------------------------------------------------------------------
     def set_model_info(self, **info: Any) -> None:
         self.data["model"].update(info)
+        self.write()
+
+    def set_teacher_info(self, info: dict[str, Any]) -> None:
+        """What the teacher was pre-trained on, and its dev metrics then."""
+        self.data["teacher"] = info
         self.write()
 
     def finish(self, artifacts: dict[str, str]) -> None:

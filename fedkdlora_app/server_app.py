@@ -1,4 +1,4 @@
-"""ServerApp: global model, strategy, server-side evaluation, results."""
+"""ServerApp: global model, strategy, server-side evaluation and distillation, results."""
 
 from __future__ import annotations
 
@@ -10,18 +10,19 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedkdlora_app.config import RunConfig
-from fedkdlora_app.data import TokenizedDataset, eval_split, load_split, make_loader, split_public
+from fedkdlora_app.data import eval_split, load_split, loader_for, split_public
+from fedkdlora_app.distillation import ServerDistillation
 from fedkdlora_app.models import (
     base_model_dir,
     build_student,
     load_shipped_state,
-    load_tokenizer,
     save_student,
     shipped_state,
 )
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.strategy import TrackedFedAvg, payload_bytes
+from fedkdlora_app.teacher import save_teacher
 from fedkdlora_app.training import evaluate, pick_device
 
 app = ServerApp()
@@ -45,11 +46,9 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
     # Read train here too: a malformed file must stop the run before any client trains.
     public, client_pool = split_public(load_split(config, "train"), config.teacher_data_pct)
     device = pick_device()
-    student = build_student(config)
-    tokenizer = load_tokenizer(config.student_model)
-    eval_loader = make_loader(
-        TokenizedDataset(eval_split(config), tokenizer, config.max_seq_length), tokenizer, config.batch_size
-    )
+    # Distillation compares attention maps, which only the eager kernels return.
+    student = build_student(config, attn_implementation="eager" if config.uses_teacher else None)
+    eval_loader = loader_for(eval_split(config), config)
     initial_arrays = ArrayRecord(shipped_state(student, config))
     recorder.set_model_info(
         student_parameters=sum(p.numel() for p in student.parameters()),
@@ -60,15 +59,20 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
         public_examples=len(public),
         client_pool_examples=len(client_pool),
     )
+    distillation = ServerDistillation(config, student, device, recorder) if config.uses_teacher else None
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_shipped_state(student, arrays.to_torch_state_dict(), config)
-        metrics = evaluate(student, eval_loader, device).metrics()
-        recorder.finish_round(server_round, {"student": metrics})
-        return MetricRecord(metrics)
+        metrics = {"student": evaluate(student, eval_loader, device).metrics()}
+        if distillation is not None:
+            metrics["teacher"] = evaluate(distillation.teacher, eval_loader, device).metrics()
+        recorder.finish_round(server_round, metrics)
+        return MetricRecord(metrics["student"])
 
     strategy = TrackedFedAvg(
         recorder,
+        after_aggregate=distillation.after_aggregate if distillation else None,
+        once_per_node=distillation.client_teacher if distillation else None,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=1,
@@ -87,5 +91,10 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
     artifacts = {"student": str(student_dir.resolve())}
     if config.uses_lora:
         artifacts["student_base"] = str(base_model_dir(config, Path(config.results_dir)).resolve())
+    if distillation is not None:
+        teacher_dir = save_teacher(
+            distillation.teacher, recorder.data["teacher"], config, recorder.run_dir / "teacher"
+        )
+        artifacts["teacher"] = str(teacher_dir.resolve())
     recorder.finish(artifacts)
-    log(INFO, "Results: %s; student saved to %s", recorder.path, student_dir)
+    log(INFO, "Results: %s; models saved in %s", recorder.path, recorder.run_dir)

@@ -8,7 +8,7 @@ Flower 1.42 happens only through `aggregate_train`'s return value.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -34,13 +34,19 @@ class TrackedFedAvg(FedAvg):
     """FedAvg that records communication, failures and client metrics per round."""
 
     def __init__(
-        self, recorder: RunRecorder, after_aggregate: AfterAggregate | None = None, **kwargs
+        self,
+        recorder: RunRecorder,
+        after_aggregate: AfterAggregate | None = None,
+        once_per_node: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
+        **kwargs,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_evaluate_metrics)
         super().__init__(**kwargs)
         self.recorder = recorder
         self.after_aggregate = after_aggregate
+        self.once_per_node = dict(once_per_node or {})
+        self._nodes_served_once: set[int] = set()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -48,6 +54,7 @@ class TrackedFedAvg(FedAvg):
         self.recorder.start_round(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._count_down(server_round, "train", messages)
+        self._attach_once_per_node(server_round, messages)
         return messages
 
     def aggregate_train(
@@ -91,6 +98,20 @@ class TrackedFedAvg(FedAvg):
             self.recorder.set_params_per_message(
                 server_round, stage, payload_params(messages[0].content.array_records[self.arrayrecord_key])
             )
+
+    def _attach_once_per_node(self, server_round: int, messages: list[Message]) -> None:
+        """Records a node needs once (the client-KD teacher): first train message only, bytes counted."""
+        if not self.once_per_node:
+            return
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            if node_id in self._nodes_served_once:
+                continue
+            for key, record in self.once_per_node.items():
+                message.content[key] = record
+                if isinstance(record, ArrayRecord):
+                    self.recorder.add_bytes(server_round, node_id, "down", "teacher", payload_bytes(record))
+            self._nodes_served_once.add(node_id)
 
     def _successful(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
         """Replies without error; the others are recorded as failures of the round."""

@@ -1,16 +1,22 @@
-"""Local training and evaluation loops shared by clients and server."""
+"""Training and evaluation loops shared by clients and server."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
 
+from fedkdlora_app.losses import client_kd_loss, mutual_kd_loss
 from fedkdlora_app.metrics import EvalCounts
+
+# (model, batch on device) -> scalar loss to minimise
+Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def pick_device() -> torch.device:
@@ -25,25 +31,101 @@ class TrainResult:
     seconds: float
 
 
+def cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def distil_from(teacher: torch.nn.Module, alpha: float, temperature: float) -> Objective:
+    """Client-side KD objective against a frozen teacher."""
+
+    def objective(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits
+        return client_kd_loss(model(**inputs).logits, teacher_logits, batch["labels"], alpha, temperature)
+
+    return objective
+
+
+def check_finite(loss: torch.Tensor, what: str) -> float:
+    """The loss as a float; a NaN/Inf stops the run with a message instead of poisoning it."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what}: loss became {value} (learning rate too high?)")
+    return value
+
+
+def _optimizer(
+    params: list[torch.nn.Parameter], lr: float, steps: int, linear_decay: bool
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = get_linear_schedule_with_warmup(optimizer, 0, steps) if linear_decay else None
+    return optimizer, schedule
+
+
 def train_epochs(
-    model: torch.nn.Module, loader: DataLoader, lr: float, epochs: int, device: torch.device
+    model: torch.nn.Module,
+    loader: DataLoader,
+    lr: float,
+    epochs: int,
+    device: torch.device,
+    objective: Objective = cross_entropy,
+    linear_decay: bool = False,
+    what: str = "training",
 ) -> TrainResult:
-    """Cross-entropy fine-tuning of the trainable parameters with AdamW."""
+    """AdamW on the trainable parameters; constant lr (FL clients) or linear decay."""
     model.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = _optimizer(params, lr, epochs * len(loader), linear_decay)
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
     for _ in range(epochs):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"training loss became {loss.item()} (learning rate {lr} too high?)")
+            loss = objective(model, batch)
+            value = check_finite(loss, what)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(batch["labels"])
+            if schedule is not None:
+                schedule.step()
+            loss_sum += value * len(batch["labels"])
             seen += len(batch["labels"])
     return TrainResult(loss_sum / max(seen, 1), len(loader.dataset), time.perf_counter() - start)
+
+
+def mutual_distill(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    loader: DataLoader,
+    lr: float,
+    epochs: int,
+    device: torch.device,
+    what: str,
+) -> dict[str, float]:
+    """Train teacher and student together on the mutual KD loss; the last step's terms.
+
+    Only the student's trainable parameters (LoRA + head) move on its side, so what it
+    ships afterwards is the same PEFT state as under FedLoRA.
+    """
+    student.to(device).train()
+    teacher.to(device).train()
+    params = [p for m in (student, teacher) for p in m.parameters() if p.requires_grad]
+    optimizer, schedule = _optimizer(params, lr, epochs * len(loader), linear_decay=True)
+    terms: dict[str, float] = {}
+    for _ in range(epochs):
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            s = student(**inputs, output_attentions=True)
+            t = teacher(**inputs, output_attentions=True)
+            step = mutual_kd_loss(s.logits, t.logits, batch["labels"], s.attentions, t.attentions)
+            check_finite(step.loss, what)
+            optimizer.zero_grad(set_to_none=True)
+            step.loss.backward()
+            optimizer.step()
+            schedule.step()
+            terms = step.as_dict()
+    return terms
 
 
 @torch.no_grad()

@@ -1,0 +1,80 @@
+"""FedKDLoRA's server side: teacher, public data, and the distillation after each aggregation."""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
+
+from fedkdlora_app.config import RunConfig
+from fedkdlora_app.data import loader_for, public_split
+from fedkdlora_app.models import load_shipped_state, shipped_state
+from fedkdlora_app.results import RunRecorder
+from fedkdlora_app.teacher import build_teacher
+from fedkdlora_app.training import mutual_distill, train_epochs
+
+# Keys of the one-time records that carry the frozen teacher to clients (client-kd).
+TEACHER_ARRAYS_KEY = "teacher"
+TEACHER_CONFIG_KEY = "teacher-config"
+
+
+class ServerDistillation:
+    """Holds the teacher; turns the aggregated student into the distilled next global model."""
+
+    def __init__(
+        self, config: RunConfig, student: torch.nn.Module, device: torch.device, recorder: RunRecorder
+    ) -> None:
+        self.config, self.student, self.device, self.recorder = config, student, device, recorder
+        self.teacher, info = build_teacher(config, device)
+        recorder.set_teacher_info(info)
+        self.public_loader = loader_for(public_split(config), config, shuffle_seed=config.seed)
+        # Clients distil from the pre-trained teacher as it is now, before any round changes it.
+        self.client_teacher = (
+            {
+                TEACHER_ARRAYS_KEY: ArrayRecord(self.teacher.state_dict()),
+                TEACHER_CONFIG_KEY: ConfigRecord(
+                    {"model-config": json.dumps(self.teacher.config.to_dict()), "id": recorder.name}
+                ),
+            }
+            if config.client_kd
+            else {}
+        )
+
+    def after_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Teacher alone, then teacher + student mutually, on the public slice."""
+        config = self.config
+        started = time.perf_counter()
+        load_shipped_state(self.student, arrays.to_torch_state_dict(), config)
+        teacher_result = train_epochs(
+            self.teacher,
+            self.public_loader,
+            config.distill_lr,
+            config.teacher_epochs,
+            self.device,
+            linear_decay=True,
+            what=f"round {server_round}: teacher training",
+        )
+        terms = mutual_distill(
+            self.student,
+            self.teacher,
+            self.public_loader,
+            config.distill_lr,
+            config.kd_epochs,
+            self.device,
+            what=f"round {server_round}: mutual distillation",
+        )
+        seconds = time.perf_counter() - started
+        self.recorder.set_distillation(
+            server_round,
+            {"teacher-train-loss": teacher_result.mean_loss, "last-step": terms, "seconds": seconds},
+        )
+        log(INFO, "round %d: server distillation %.1f s, last step %s", server_round, seconds, _fmt(terms))
+        return ArrayRecord(shipped_state(self.student, config))
+
+
+def _fmt(terms: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in terms.items()) or "(no step)"

@@ -1,0 +1,109 @@
+"""Distillation losses of FedKDLoRA: server-side mutual KD and client-side KD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedkdlora_app.models import ModelError
+
+
+def attention_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher layer for each student layer, counted from the last, stride T/S.
+
+    6 -> 3 gives [1, 3, 5]; 12 -> 6 gives [1, 3, 5, 7, 9, 11]: the students' last layer
+    always meets the teacher's last layer.
+    """
+    if not 0 < student_layers <= teacher_layers:
+        raise ModelError(
+            f"teacher has {teacher_layers} layers, student {student_layers}: the teacher must be the larger"
+        )
+    stride = teacher_layers // student_layers
+    return [teacher_layers - 1 - (student_layers - 1 - i) * stride for i in range(student_layers)]
+
+
+@dataclass(frozen=True)
+class MutualKDTerms:
+    """The loss and its terms for one batch; the floats go into the results JSON."""
+
+    loss: torch.Tensor
+    ce_student: float
+    ce_teacher: float
+    kl_teacher_student: float
+    kl_student_teacher: float
+    attention_mse: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "loss": float(self.loss.detach()),
+            "ce-student": self.ce_student,
+            "ce-teacher": self.ce_teacher,
+            "kl-teacher-student": self.kl_teacher_student,
+            "kl-student-teacher": self.kl_student_teacher,
+            "attention-mse": self.attention_mse,
+        }
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p || q) of the softmaxed logits, mean over the batch."""
+    return F.kl_div(
+        F.log_softmax(q_logits / temperature, dim=-1),
+        F.log_softmax(p_logits / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def attention_mse(
+    student_attentions: tuple[torch.Tensor, ...], teacher_attentions: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Mean over student layers of the MSE to the teacher layer each maps to.
+
+    Attention maps are (batch, heads, query, key); with different head counts the maps
+    are averaged over heads first.
+    """
+    layer_map = attention_layer_map(len(teacher_attentions), len(student_attentions))
+    errors = []
+    for student_attention, teacher_index in zip(student_attentions, layer_map, strict=True):
+        teacher_attention = teacher_attentions[teacher_index]
+        if student_attention.shape[1] != teacher_attention.shape[1]:
+            student_attention, teacher_attention = student_attention.mean(1), teacher_attention.mean(1)
+        errors.append(F.mse_loss(student_attention, teacher_attention))
+    return torch.stack(errors).mean()
+
+
+def mutual_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    student_attentions: tuple[torch.Tensor, ...],
+    teacher_attentions: tuple[torch.Tensor, ...],
+) -> MutualKDTerms:
+    """CE_s + CE_t + (KL(t||s) + KL(s||t) + attention MSE) / (CE_s + CE_t + 1), normaliser detached.
+
+    Gradients reach both models through every term: the distillation is mutual. Scaling
+    the distillation terms by the (detached) task losses lets them dominate only once
+    both models fit the labels, as in the original FedKDLoRA.
+    """
+    ce_student = F.cross_entropy(student_logits, labels)
+    ce_teacher = F.cross_entropy(teacher_logits, labels)
+    kl_ts = kl(teacher_logits, student_logits)
+    kl_st = kl(student_logits, teacher_logits)
+    att = attention_mse(student_attentions, teacher_attentions)
+    normaliser = (ce_student + ce_teacher + 1).detach()
+    loss = ce_student + ce_teacher + (kl_ts + kl_st + att) / normaliser
+    return MutualKDTerms(loss, *(t.item() for t in (ce_student, ce_teacher, kl_ts, kl_st, att)))
+
+
+def client_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
+    """CE + alpha * T^2 * KL(teacher || student) at temperature T (Hinton et al.)."""
+    soft = kl(teacher_logits.detach(), student_logits, temperature)
+    return F.cross_entropy(student_logits, labels) + alpha * temperature**2 * soft
