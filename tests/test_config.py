@@ -10,14 +10,15 @@ from tests.conftest import default_run_config, make_config
 
 def test_shipped_defaults_are_valid() -> None:
     config = RunConfig.from_mapping(default_run_config())
-    assert config.scheme == "fedlora" and config.student_layers == 3 and config.teacher_data_pct == 20.0
-    assert config.to_dict() == {**default_run_config(), "teacher-data-pct": 20.0}
+    assert config.scheme == "fedkdlora" and config.student_layers == 3 and config.teacher_data_pct == 20.0
+    floats = {k: float(v) for k, v in default_run_config().items() if k in ("teacher-data-pct", "teacher-lr")}
+    assert config.to_dict() == {**default_run_config(), **floats}
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"scheme": "fedprox"}, "'scheme' = 'fedprox': allowed: fedavg, fedlora"),
+        ({"scheme": "fedprox"}, "'scheme' = 'fedprox': allowed: fedavg, fedlora, fedkdlora"),
         ({"task": "mnli"}, "'task' = 'mnli'"),
         ({"partitioning": "shards"}, "'partitioning'"),
         ({"lora-r": 0}, "'lora-r' = 0: must be >= 1"),

@@ -110,3 +110,33 @@ def test_bad_run_config_fails_before_any_run(tmp_path, capsys) -> None:
     code, results = simulate(tmp_path, **{"lora-r": 0})
     assert code == 2 and results is None
     assert "'lora-r' = 0: must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("client_kd", [False, True])
+def test_fedkdlora_reports_teacher_and_student_every_round(tmp_path, client_kd: bool) -> None:
+    code, results = simulate(
+        tmp_path,
+        scheme="fedkdlora",
+        **{"client-kd": client_kd, "max-public-examples": 32, "teacher-pretrain-epochs": 1},
+    )
+    assert code == 0, results and results["run"]["error"]
+    assert [r["round"] for r in results["rounds"]] == list(range(ROUNDS + 1))
+    for entry in results["rounds"]:
+        for role in ("student", "teacher"):
+            metrics = entry["server"][role]
+            assert all(math.isfinite(metrics[k]) for k in ("loss", "accuracy", "mcc")), (entry["round"], role)
+    for entry in results["rounds"][1:]:
+        terms = entry["distillation"]["last-step"]
+        assert set(terms) >= {"ce-student", "ce-teacher", "kl-teacher-student", "attention-mse"}
+        assert all(math.isfinite(v) for v in terms.values())
+        # the student ships the LoRA state only, as under FedLoRA
+        assert entry["communication"]["up_bytes"] == 2 * results["model"]["shipped_bytes_per_message"]
+    teacher_bytes = [r["communication"]["down_bytes_teacher"] for r in results["rounds"][1:]]
+    if client_kd:  # shipped once per node, in round 1, counted in the downlink
+        assert teacher_bytes[0] > 2 * 80e6 and teacher_bytes[1:] == [0] * (ROUNDS - 1)
+    else:
+        assert teacher_bytes == [0] * ROUNDS
+    assert results["teacher"]["public-examples"] == 32
+    artifacts = results["artifacts"]
+    assert Path(artifacts["teacher"], "config.json").is_file()
+    assert Path(artifacts["student"], "adapter_config.json").is_file()

@@ -1,0 +1,153 @@
+"""FedKDLoRA's teacher and server-side distillation on the real MiniLM and real data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from fedkdlora_app.config import ConfigError
+from fedkdlora_app.data import loader_for, public_split
+from fedkdlora_app.models import ModelError, build_student, load_classifier, shipped_state
+from fedkdlora_app.strategy import payload_bytes
+from fedkdlora_app.teacher import TEACHER_INFO, build_teacher, load_teacher
+from fedkdlora_app.teacher import main as pretrain_main
+from fedkdlora_app.training import mutual_distill
+from tests.conftest import REPO, make_config
+
+TINY = {"max-public-examples": 16, "batch-size": 8, "max-eval-examples": 16, "teacher-pretrain-epochs": 1}
+
+
+def _kd_config(**overrides):
+    return make_config(**{"scheme": "fedkdlora", "task": "sst2", **TINY, **overrides})
+
+
+def test_one_distillation_step_moves_lora_and_teacher_but_not_the_frozen_base() -> None:
+    config = _kd_config()
+    torch.manual_seed(0)
+    student = build_student(config, attn_implementation="eager")
+    teacher = load_classifier("", 2, attn_implementation="eager")
+    frozen_before = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+    shipped_before = {k: v.clone() for k, v in shipped_state(student, config).items()}
+    teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+
+    loader = loader_for(public_split(config).select(range(8)), config)  # one batch: one step
+    terms = mutual_distill(student, teacher, loader, config.distill_lr, 1, torch.device("cpu"), "test")
+
+    assert set(terms) == {
+        "loss",
+        "ce-student",
+        "ce-teacher",
+        "kl-teacher-student",
+        "kl-student-teacher",
+        "attention-mse",
+    }
+    assert all(v >= 0 for v in terms.values()) and terms["attention-mse"] > 0
+    shipped_after = shipped_state(student, config)
+    assert any(not torch.equal(shipped_before[k], shipped_after[k]) for k in shipped_before if "lora_" in k)
+    assert any(not torch.equal(teacher_before[n], p) for n, p in teacher.named_parameters())
+    for name, param in student.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(frozen_before[name], param), name
+
+
+def test_fedkdlora_ships_exactly_the_fedlora_state() -> None:
+    kd_config, lora_config = _kd_config(), make_config(scheme="fedlora", task="sst2")
+    kd_state = shipped_state(build_student(kd_config, attn_implementation="eager"), kd_config)
+    lora_state = shipped_state(build_student(lora_config), lora_config)
+    assert kd_state.keys() == lora_state.keys()
+    assert payload_bytes(ArrayRecord(kd_state)) == payload_bytes(ArrayRecord(lora_state))
+
+
+def test_a_nan_in_distillation_names_the_round() -> None:
+    config = _kd_config()
+    student = build_student(config, attn_implementation="eager")
+    teacher = load_classifier("", 2, attn_implementation="eager")
+    with torch.no_grad():
+        next(p for n, p in teacher.named_parameters() if "classifier.weight" in n).fill_(float("nan"))
+    loader = loader_for(public_split(config).select(range(8)), config)
+    with pytest.raises(FloatingPointError, match="round 3: mutual distillation: loss became nan"):
+        mutual_distill(student, teacher, loader, 1e-5, 1, torch.device("cpu"), "round 3: mutual distillation")
+
+
+def test_pretrain_command_writes_a_teacher_a_run_accepts(tmp_path, capsys) -> None:
+    out = tmp_path / "teacher"
+    code = pretrain_main(
+        [
+            "--app",
+            str(REPO),
+            "--task",
+            "sst2",
+            "--data-dir",
+            str(REPO.parent / "shared/data/glue"),
+            "--epochs",
+            "1",
+            "--max-public-examples",
+            "16",
+            "--max-eval-examples",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "dev accuracy" in printed and str(out) in printed
+    info = json.loads((out / TEACHER_INFO).read_text())
+    assert info["task"] == "sst2" and info["public-examples"] == 16 and info["dev"]["num-examples"] == 16
+    teacher, loaded_info = load_teacher(_kd_config(**{"teacher-model": str(out)}))
+    assert loaded_info == info and teacher.config.num_hidden_layers == 6
+    with pytest.raises(ConfigError, match=r"'teacher-model' = .*pre-trained with task 'sst2'"):
+        load_teacher(_kd_config(task="cola", **{"teacher-model": str(out)}))
+
+
+def test_build_teacher_pretrains_when_none_is_given() -> None:
+    teacher, info = build_teacher(_kd_config(), torch.device("cpu"))
+    assert info["public-examples"] == 16 and info["epochs"] == 1 and "dev" in info
+    assert teacher.config.num_hidden_layers == 6
+
+
+@pytest.fixture()
+def foreign_vocab_teacher(tmp_path):
+    """A real (tiny) BERT whose tokenizer has another vocabulary than the student's."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_teacher_with_another_vocabulary_is_refused(foreign_vocab_teacher) -> None:
+    with pytest.raises(ModelError) as error:
+        load_teacher(_kd_config(**{"teacher-model": str(foreign_vocab_teacher)}))
+    assert "'teacher-model'" in str(
+        error.value
+    ) and "vs 30522); teacher and student must share one tokenizer" in str(error.value)
+    with pytest.raises(ModelError, match="'teacher-base-model' = "):
+        build_teacher(_kd_config(**{"teacher-base-model": str(foreign_vocab_teacher)}), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kd-epochs": -1}, "'kd-epochs' = -1: must be >= 0"),
+        ({"teacher-model": "/no/such/teacher"}, "'teacher-model' = '/no/such/teacher': no model directory"),
+        ({"distill-lr": 0.0}, "'distill-lr' = 0.0: must be > 0"),
+        ({"teacher-data-pct": 0.0}, "'teacher-data-pct' = 0.0: fedkdlora needs a public slice"),
+        ({"scheme": "fedlora", "client-kd": True}, "'client-kd' = true: needs scheme 'fedkdlora'"),
+    ],
+)
+def test_bad_kd_settings_name_the_key(overrides, message) -> None:
+    with pytest.raises(ConfigError) as error:
+        _kd_config(**overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
