@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The local GLUE copy beside the repo when present, else "" = the Hugging Face hub.
 GLUE ?= $(if $(wildcard ../shared/data/glue/sst2/train.tsv),../shared/data/glue,)
 DEMO_CONFIG ?= num-server-rounds=5 max-train-examples-per-client=500 max-eval-examples=400 \
-	max-public-examples=500 teacher-pretrain-epochs=2
+	max-public-examples=500 teacher-pretrain-epochs=3
 
 .PHONY: setup demo test lint clean
 
