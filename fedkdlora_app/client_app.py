@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.data import cached_client_examples, make_loader
 from fedkdlora_app.distillation import TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY
+from fedkdlora_app.metrics import EvalCounts
 from fedkdlora_app.models import (
     build_student,
     load_classifier,
@@ -21,7 +22,14 @@ from fedkdlora_app.models import (
     shipped_state,
 )
 from fedkdlora_app.seeding import client_seed
-from fedkdlora_app.training import cross_entropy, distil_from, evaluate, pick_device, train_epochs
+from fedkdlora_app.training import (
+    TrainResult,
+    cross_entropy,
+    distil_from,
+    evaluate,
+    pick_device,
+    train_epochs,
+)
 
 app = ClientApp()
 
@@ -43,10 +51,40 @@ def partition_of(context: Context) -> tuple[int, int]:
         ) from error
 
 
-def _received_model(message: Message, config: RunConfig) -> torch.nn.Module:
+def local_train(
+    config: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    server_round: int,
+    global_state: dict[str, torch.Tensor],
+    teacher: torch.nn.Module | None = None,
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """One client's round of work, without Flower: the ClientApp and `bench/` both call it."""
+    seed = client_seed(config.seed, server_round, partition_id)
+    torch.manual_seed(seed)
     model = cached_student(config)
-    load_shipped_state(model, message.content.array_records["arrays"].to_torch_state_dict(), config)
-    return model
+    load_shipped_state(model, global_state, config)
+    examples = cached_client_examples(config, partition_id, num_partitions, "train")
+    loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size, shuffle_seed=seed)
+    device = pick_device()
+    objective = cross_entropy
+    if teacher is not None:
+        objective = distil_from(teacher.to(device), config.kd_alpha, config.kd_temperature)
+    result = train_epochs(
+        model, loader, config.learning_rate, config.local_epochs, device, objective, what="local training"
+    )
+    return shipped_state(model, config), result
+
+
+def local_evaluate(
+    config: RunConfig, partition_id: int, num_partitions: int, global_state: dict[str, torch.Tensor]
+) -> EvalCounts:
+    """The global model on this client's shard of the evaluation set."""
+    model = cached_student(config)
+    load_shipped_state(model, global_state, config)
+    examples = cached_client_examples(config, partition_id, num_partitions, "eval")
+    loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size)
+    return evaluate(model, loader, pick_device())
 
 
 @lru_cache(maxsize=1)
@@ -87,37 +125,27 @@ def frozen_teacher(message: Message, context: Context, config: RunConfig) -> tor
     return _teacher_from_state(context.state)
 
 
+def _global_state(message: Message) -> dict[str, torch.Tensor]:
+    return message.content.array_records["arrays"].to_torch_state_dict()
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     config = RunConfig.from_mapping(context.run_config)
     partition_id, num_partitions = partition_of(context)
     server_round = int(message.content.config_records["config"]["server-round"])
-    seed = client_seed(config.seed, server_round, partition_id)
-    torch.manual_seed(seed)
-    model = _received_model(message, config)
-    examples = cached_client_examples(config, partition_id, num_partitions, "train")
-    loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size, shuffle_seed=seed)
-    device = pick_device()
-    objective = cross_entropy
-    if config.client_kd:
-        teacher = frozen_teacher(message, context, config).to(device)
-        objective = distil_from(teacher, config.kd_alpha, config.kd_temperature)
-    result = train_epochs(
-        model, loader, config.learning_rate, config.local_epochs, device, objective, what="local training"
+    teacher = frozen_teacher(message, context, config) if config.client_kd else None
+    state, result = local_train(
+        config, partition_id, num_partitions, server_round, _global_state(message), teacher
     )
     metrics = MetricRecord(
         {"num-examples": result.num_examples, "train-loss": result.mean_loss, "train-seconds": result.seconds}
     )
-    content = RecordDict({"arrays": ArrayRecord(shipped_state(model, config)), "metrics": metrics})
-    return Message(content=content, reply_to=message)
+    return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=message)
 
 
 @app.evaluate()
 def evaluate_global_model(message: Message, context: Context) -> Message:
     config = RunConfig.from_mapping(context.run_config)
-    partition_id, num_partitions = partition_of(context)
-    model = _received_model(message, config)
-    examples = cached_client_examples(config, partition_id, num_partitions, "eval")
-    loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size)
-    counts = evaluate(model, loader, pick_device())
+    counts = local_evaluate(config, *partition_of(context), _global_state(message))
     return Message(content=RecordDict({"metrics": MetricRecord(counts.metrics())}), reply_to=message)

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -119,8 +120,14 @@ def stop_local_superlink(flwr_home: Path) -> int:
     return len(targets)
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    """`kill <pid>` then unwinds like Ctrl-C, so the SuperLink this run started is stopped."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     app_dir = Path(args.app).resolve()
     try:
         run_config = resolved_run_config(app_dir, args.run_config, Path.cwd())
