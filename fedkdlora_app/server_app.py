@@ -73,6 +73,8 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
         recorder,
         after_aggregate=distillation.after_aggregate if distillation else None,
         once_per_node=distillation.client_teacher if distillation else None,
+        # No partition holds more than the cap, or the whole client pool: larger claims are dropped.
+        max_examples_per_update=config.max_train_examples_per_client or len(client_pool),
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=1,

@@ -9,9 +9,11 @@ Flower 1.42 happens only through `aggregate_train`'s return value.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -38,6 +40,7 @@ class TrackedFedAvg(FedAvg):
         recorder: RunRecorder,
         after_aggregate: AfterAggregate | None = None,
         once_per_node: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
+        max_examples_per_update: int | None = None,
         **kwargs,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
@@ -47,11 +50,14 @@ class TrackedFedAvg(FedAvg):
         self.after_aggregate = after_aggregate
         self.once_per_node = dict(once_per_node or {})
         self._nodes_served_once: set[int] = set()
+        self.max_examples_per_update = max_examples_per_update
+        self._sent_arrays: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.recorder.start_round(server_round)
+        self._sent_arrays = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._count_down(server_round, "train", messages)
         self._attach_once_per_node(server_round, messages)
@@ -60,13 +66,21 @@ class TrackedFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        for reply in self._successful(server_round, "train", replies):
-            record = reply.content.array_records[self.arrayrecord_key]
-            self.recorder.add_bytes(
-                server_round, reply.metadata.src_node_id, "up", "train", payload_bytes(record)
-            )
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        accepted = []
+        for reply in self._successful(server_round, "train", list(replies)):
+            node_id = reply.metadata.src_node_id
+            records = reply.content.array_records
+            if self.arrayrecord_key in records:
+                self.recorder.add_bytes(
+                    server_round, node_id, "up", "train", payload_bytes(records[self.arrayrecord_key])
+                )
+            problem = self.update_problem(reply.content)
+            if problem is None:
+                accepted.append(reply)
+            else:
+                log(WARNING, "round %d: update of node %d dropped: %s", server_round, node_id, problem)
+                self.recorder.add_failure(server_round, "train", node_id, f"rejected update: {problem}")
+        arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.after_aggregate is not None:
             arrays = self.after_aggregate(server_round, arrays)
         if metrics is not None:
@@ -98,6 +112,38 @@ class TrackedFedAvg(FedAvg):
             self.recorder.set_params_per_message(
                 server_round, stage, payload_params(messages[0].content.array_records[self.arrayrecord_key])
             )
+
+    def update_problem(self, content: RecordDict) -> str | None:
+        """Why a client's train reply must not enter the average, or None if it may.
+
+        It must carry the arrays that were sent (same names, shapes, dtypes), all finite,
+        and a positive example count no larger than a partition can hold.
+        """
+        record = content.array_records.get(self.arrayrecord_key)
+        if record is None or len(content.array_records) != 1:
+            return f"expected exactly one ArrayRecord '{self.arrayrecord_key}'"
+        sent = self._sent_arrays
+        if sent is not None and set(record) != set(sent):
+            missing, unexpected = sorted(set(sent) - set(record)), sorted(set(record) - set(sent))
+            return f"array names differ from those sent (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        for name, array in record.items():
+            if sent is not None and (array.shape, array.dtype) != (sent[name].shape, sent[name].dtype):
+                return (
+                    f"array '{name}' is {array.dtype}{list(array.shape)}, "
+                    f"sent as {sent[name].dtype}{list(sent[name].shape)}"
+                )
+            if not np.isfinite(array.numpy()).all():
+                return f"array '{name}' holds NaN or Inf"
+        metrics = list(content.metric_records.values())
+        count = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
+        if not isinstance(count, int) or count < 1:
+            return f"'{self.weighted_by_key}' must be a positive integer, got {count!r}"
+        if self.max_examples_per_update is not None and count > self.max_examples_per_update:
+            return (
+                f"claims {count} examples, more than the {self.max_examples_per_update} "
+                "a client partition can hold"
+            )
+        return None
 
     def _attach_once_per_node(self, server_round: int, messages: list[Message]) -> None:
         """Records a node needs once (the client-KD teacher): first train message only, bytes counted."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -85,3 +87,67 @@ def test_failed_replies_are_recorded_not_aggregated(recorder: RunRecorder) -> No
     arrays, _ = TrackedFedAvg(recorder).aggregate_train(1, [good, bad])
     np.testing.assert_array_equal(next(iter(arrays.values())).numpy(), [1.0, 1.0])
     assert recorder.round(1)["failures"] == [{"stage": "train", "node_id": 2, "reason": "client crashed"}]
+
+
+def _sent(strategy: TrackedFedAvg, arrays: list[np.ndarray]) -> None:
+    """What configure_train would have remembered as the arrays sent this round."""
+    strategy._sent_arrays = ArrayRecord(arrays)
+
+
+GLOBAL = [np.zeros(2, dtype=np.float32), np.zeros((1, 1), dtype=np.float32)]
+
+
+@pytest.mark.parametrize(
+    ("bad_arrays", "num_examples", "problem"),
+    [
+        ([np.ones(2, dtype=np.float32)], 5, "array names differ from those sent"),
+        (
+            [np.ones(3, dtype=np.float32), np.ones((1, 1), dtype=np.float32)],
+            5,
+            "is float32[3], sent as float32[2]",
+        ),
+        (
+            [np.ones(2, dtype=np.float64), np.ones((1, 1), dtype=np.float32)],
+            5,
+            "is float64[2], sent as float32[2]",
+        ),
+        (
+            [np.array([1.0, np.nan], dtype=np.float32), np.ones((1, 1), dtype=np.float32)],
+            5,
+            "holds NaN or Inf",
+        ),
+        (
+            [np.array([1.0, np.inf], dtype=np.float32), np.ones((1, 1), dtype=np.float32)],
+            5,
+            "holds NaN or Inf",
+        ),
+        (
+            [np.ones(2, dtype=np.float32), np.ones((1, 1), dtype=np.float32)],
+            10**9,
+            "claims 1000000000 examples",
+        ),
+        ([np.ones(2, dtype=np.float32), np.ones((1, 1), dtype=np.float32)], 0, "must be a positive integer"),
+    ],
+)
+def test_bad_updates_are_dropped_and_recorded(recorder, bad_arrays, num_examples, problem) -> None:
+    strategy = TrackedFedAvg(recorder, max_examples_per_update=100)
+    _sent(strategy, GLOBAL)
+    good = [np.full(2, 3.0, dtype=np.float32), np.full((1, 1), 3.0, dtype=np.float32)]
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, good, 5), _reply(2, bad_arrays, num_examples)])
+    result = [array.numpy() for array in arrays.values()]
+    np.testing.assert_array_equal(result[0], [3.0, 3.0])  # the good update alone
+    assert metrics["num-examples"] == 5
+    [failure] = recorder.round(1)["failures"]
+    assert failure["node_id"] == 2 and failure["stage"] == "train"
+    assert failure["reason"].startswith("rejected update: ") and problem in failure["reason"]
+    recorder.finish_round(1, {"student": {"accuracy": 0.5, "loss": 0.7}})
+    saved = json.loads(recorder.path.read_text())  # on disk as soon as the round closes
+    assert problem in saved["rounds"][0]["failures"][0]["reason"]
+
+
+def test_a_round_with_only_bad_updates_keeps_the_global_model(recorder) -> None:
+    strategy = TrackedFedAvg(recorder, max_examples_per_update=100)
+    _sent(strategy, GLOBAL)
+    nan = [np.full(2, np.nan, dtype=np.float32), np.zeros((1, 1), dtype=np.float32)]
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, nan, 5)])
+    assert arrays is None and metrics is None  # Strategy.start then keeps the previous arrays
