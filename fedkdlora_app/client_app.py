@@ -60,11 +60,12 @@ def local_train(
     teacher: torch.nn.Module | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """One client's round of work, without Flower: the ClientApp and `bench/` both call it."""
-    seed = client_seed(config.seed, server_round, partition_id)
-    torch.manual_seed(seed)
     model = cached_student(config)
     load_shipped_state(model, global_state, config)
     examples = cached_client_examples(config, partition_id, num_partitions, "train")
+    # Seed after the (cached or first-time) model build, so dropout draws the same either way.
+    seed = client_seed(config.seed, server_round, partition_id)
+    torch.manual_seed(seed)
     loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size, shuffle_seed=seed)
     device = pick_device()
     objective = cross_entropy

@@ -69,6 +69,7 @@ class RunConfig:
     client_kd: bool
     kd_alpha: float
     kd_temperature: float
+    resume_from: str
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -175,6 +176,13 @@ class RunConfig:
                 f"run-config key 'teacher-model' = '{self.teacher_model}': no model directory "
                 "(config.json) there; give a folder written by fedkdlora-pretrain-teacher, or '' to pre-train"
             )
+        if self.resume_from:
+            checkpoint = Path(self.resume_from).with_suffix("") / "checkpoint.pt"
+            if not (Path(self.resume_from).is_file() and checkpoint.is_file()):
+                raise ConfigError(
+                    f"run-config key 'resume-from' = '{self.resume_from}': give the results JSON of a run "
+                    f"whose folder holds a checkpoint ({checkpoint} not found)"
+                )
         if self.dirichlet_alpha <= 0:
             raise ConfigError(f"run-config key 'dirichlet-alpha' = {self.dirichlet_alpha}: must be > 0")
         if self.data_dir:

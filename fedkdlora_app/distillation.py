@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -12,9 +13,9 @@ from flwr.common.logger import log
 
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.data import loader_for, public_split
-from fedkdlora_app.models import load_shipped_state, shipped_state
+from fedkdlora_app.models import load_classifier, load_shipped_state, shipped_state
 from fedkdlora_app.results import RunRecorder
-from fedkdlora_app.teacher import build_teacher
+from fedkdlora_app.teacher import build_teacher, save_teacher
 from fedkdlora_app.training import mutual_distill, train_epochs
 
 # Keys of the one-time records that carry the frozen teacher to clients (client-kd).
@@ -26,18 +27,45 @@ class ServerDistillation:
     """Holds the teacher; turns the aggregated student into the distilled next global model."""
 
     def __init__(
-        self, config: RunConfig, student: torch.nn.Module, device: torch.device, recorder: RunRecorder
+        self,
+        config: RunConfig,
+        student: torch.nn.Module,
+        device: torch.device,
+        recorder: RunRecorder,
+        teacher_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """`teacher_state`: a resumed run's teacher, as checkpointed; else build (pre-train) one.
+
+        A teacher pre-trained here is also saved as `<run>/pretrained-teacher`, a folder
+        `teacher-model` accepts: reusable by later runs, and the frozen copy clients
+        distil from when this run is resumed.
+        """
         self.config, self.student, self.device, self.recorder = config, student, device, recorder
-        self.teacher, info = build_teacher(config, device)
-        recorder.set_teacher_info(info)
+        pretrained_dir = (
+            Path(config.teacher_model) if config.teacher_model else recorder.run_dir / "pretrained-teacher"
+        )
+        if teacher_state is None:
+            self.teacher, info = build_teacher(config, device)
+            recorder.set_teacher_info(info)
+            if not config.teacher_model:
+                save_teacher(self.teacher, info, config, pretrained_dir)
+            pretrained = self.teacher
+        else:
+            self.teacher = load_classifier(
+                config.teacher_model or config.teacher_base_model,
+                config.num_labels,
+                attn_implementation="eager",
+            )
+            self.teacher.load_state_dict(teacher_state, strict=True)
+            pretrained = load_classifier(str(pretrained_dir), config.num_labels) if config.client_kd else None
+        self.pretrained_dir = pretrained_dir
         self.public_loader = loader_for(public_split(config), config, shuffle_seed=config.seed)
-        # Clients distil from the pre-trained teacher as it is now, before any round changes it.
+        # Clients distil from the pre-trained teacher, as it was before any round changed it.
         self.client_teacher = (
             {
-                TEACHER_ARRAYS_KEY: ArrayRecord(self.teacher.state_dict()),
+                TEACHER_ARRAYS_KEY: ArrayRecord(pretrained.state_dict()),
                 TEACHER_CONFIG_KEY: ConfigRecord(
-                    {"model-config": json.dumps(self.teacher.config.to_dict()), "id": recorder.name}
+                    {"model-config": json.dumps(pretrained.config.to_dict()), "id": recorder.name}
                 ),
             }
             if config.client_kd

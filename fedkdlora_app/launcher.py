@@ -29,7 +29,7 @@ from flwr.common.config import parse_config_args
 from fedkdlora_app.config import ConfigError, RunConfig, app_defaults
 
 # Run-config keys that name files or folders; relative values are taken from the cwd.
-PATH_KEYS = ("data-dir", "results-dir", "student-model", "teacher-model", "teacher-base-model")
+PATH_KEYS = ("data-dir", "results-dir", "resume-from", "student-model", "teacher-model", "teacher-base-model")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,11 +19,13 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from fedkdlora_app.config import RunConfig
+from fedkdlora_app.config import ConfigError, RunConfig
 
 SCHEMA_VERSION = 1
 _PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "datasets", "scikit-learn")
 _MB = 1e6
+# Keys a resumed run may change: where to resume from, and how many rounds in all.
+RESUMABLE_CHANGES = ("resume-from", "num-server-rounds")
 
 
 def package_versions() -> dict[str, str]:
@@ -46,31 +48,39 @@ def run_name(config: RunConfig, started: datetime) -> str:
 class RunRecorder:
     """Collects per-round metrics, bytes and timings; owns the results JSON."""
 
-    def __init__(self, config: RunConfig) -> None:
-        self.started = datetime.now(timezone.utc)
+    def __init__(self, config: RunConfig, resume: tuple[Path, int] | None = None) -> None:
+        """A new run's record, or with `resume=(results JSON, last complete round)` the old one continued."""
         self._t0 = time.perf_counter()
-        results_dir = Path(config.results_dir)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        name = run_name(config, self.started)
-        suffix = 1
-        while (results_dir / f"{name}.json").exists() or (results_dir / name).exists():
-            suffix += 1
-            name = f"{run_name(config, self.started)}-{suffix}"
-        self.name = name
-        self.path = results_dir / f"{name}.json"
-        self.run_dir = results_dir / name
+        self._elapsed_before = 0.0
         self.num_rounds = config.num_server_rounds
         self._round_started: dict[int, float] = {}
         self._cumulative = {"down_bytes": 0, "up_bytes": 0}
+        if resume is None:
+            self._create(config)
+        else:
+            self._resume(config, *resume)
+        self.write()
+
+    def _create(self, config: RunConfig) -> None:
+        started = datetime.now(timezone.utc)
+        results_dir = Path(config.results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        name = run_name(config, started)
+        suffix = 1
+        while (results_dir / f"{name}.json").exists() or (results_dir / name).exists():
+            suffix += 1
+            name = f"{run_name(config, started)}-{suffix}"
+        self._set_paths(results_dir / f"{name}.json")
         self.data: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "run": {
                 "name": name,
                 "status": "running",
                 "error": None,
-                "started_at": self.started.isoformat(),
+                "started_at": started.isoformat(),
                 "finished_at": None,
                 "wall_seconds_total": None,
+                "resumes": [],
             },
             "config": config.to_dict(),
             "versions": package_versions(),
@@ -79,7 +89,45 @@ class RunRecorder:
             "rounds": [],
             "artifacts": {},
         }
-        self.write()
+
+    def _resume(self, config: RunConfig, path: Path, completed_round: int) -> None:
+        """Keep rounds 0..completed_round; a later, unfinished round is started again."""
+        self._set_paths(path)
+        self.data = json.loads(path.read_text())
+        old, new = self.data["config"], config.to_dict()
+        for key in sorted(set(old) | set(new)):
+            if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+                raise ConfigError(
+                    f"run-config key '{key}' = {new.get(key)!r}: the run being resumed used {old.get(key)!r}"
+                )
+        if config.num_server_rounds < completed_round:
+            raise ConfigError(
+                f"run-config key 'num-server-rounds' = {config.num_server_rounds}: "
+                f"the run being resumed already completed {completed_round} rounds"
+            )
+        run, rounds = self.data["run"], self.data["rounds"]
+        kept = [entry for entry in rounds if entry["round"] <= completed_round]
+        self._elapsed_before = sum(entry["wall_seconds"] or 0.0 for entry in kept)
+        last = kept[-1]["communication"]
+        for direction in ("down", "up"):
+            self._cumulative[f"{direction}_bytes"] = last[f"cumulative_{direction}_bytes"]
+        run.setdefault("resumes", []).append(
+            {
+                "at": datetime.now(timezone.utc).isoformat(),
+                "after_round": completed_round,
+                "previous_status": run["status"],
+                "previous_error": run["error"],
+                "discarded_unfinished_rounds": [e["round"] for e in rounds if e["round"] > completed_round],
+            }
+        )
+        run.update(status="running", error=None, finished_at=None, wall_seconds_total=None)
+        self.data["rounds"] = kept
+        self.data["config"] = new
+
+    def _set_paths(self, path: Path) -> None:
+        self.path = path
+        self.name = path.stem
+        self.run_dir = path.with_suffix("")
 
     # --- per-round bookkeeping -------------------------------------------------------
     def round(self, server_round: int) -> dict[str, Any]:
@@ -134,7 +182,7 @@ class RunRecorder:
         """Close a round with the server-side metrics (last step of a round), log, write."""
         entry = self.round(server_round)
         entry["server"] = server_metrics
-        started = self._round_started.get(server_round, self._t0)
+        started = self._round_started.get(server_round, self._t0)  # round 0: since start-up
         entry["wall_seconds"] = time.perf_counter() - started
         comm = entry["communication"]
         for direction in ("down", "up"):
@@ -176,7 +224,7 @@ class RunRecorder:
     def _close(self, status: str, error: str | None) -> None:
         run = self.data["run"]
         run.update(status=status, error=error, finished_at=datetime.now(timezone.utc).isoformat())
-        run["wall_seconds_total"] = time.perf_counter() - self._t0
+        run["wall_seconds_total"] = self._elapsed_before + time.perf_counter() - self._t0
         self.write()
 
     def write(self) -> None:

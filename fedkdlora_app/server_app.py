@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedkdlora_app.checkpoint import Checkpoint, capture_rng, restore_rng
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.data import eval_split, load_split, loader_for, split_public
 from fedkdlora_app.distillation import ServerDistillation
@@ -32,16 +33,24 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, then run; a failure is recorded in the results JSON and re-raised."""
     config = RunConfig.from_mapping(context.run_config)
-    recorder = RunRecorder(config)
+    checkpoint = None
+    if config.resume_from:
+        checkpoint = Checkpoint.load(Path(config.resume_from).with_suffix(""))
+        recorder = RunRecorder(config, resume=(Path(config.resume_from), checkpoint.round))
+        log(INFO, "FedKDLoRA: resuming %s after round %d", recorder.path, checkpoint.round)
+    else:
+        recorder = RunRecorder(config)
     log(INFO, "FedKDLoRA: %s on %s, results -> %s", config.scheme, config.task, recorder.path)
     try:
-        run_federation(grid, config, recorder)
+        run_federation(grid, config, recorder, checkpoint)
     except BaseException as error:
         recorder.fail(error)
         raise
 
 
-def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None:
+def run_federation(
+    grid: Grid, config: RunConfig, recorder: RunRecorder, checkpoint: Checkpoint | None = None
+) -> None:
     seed_everything(config.seed)
     # Read train here too: a malformed file must stop the run before any client trains.
     public, client_pool = split_public(load_split(config, "train"), config.teacher_data_pct)
@@ -49,7 +58,7 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
     # Distillation compares attention maps, which only the eager kernels return.
     student = build_student(config, attn_implementation="eager" if config.uses_teacher else None)
     eval_loader = loader_for(eval_split(config), config)
-    initial_arrays = ArrayRecord(shipped_state(student, config))
+    initial_arrays = ArrayRecord(checkpoint.global_state if checkpoint else shipped_state(student, config))
     recorder.set_model_info(
         student_parameters=sum(p.numel() for p in student.parameters()),
         student_layers=student.config.num_hidden_layers,
@@ -59,14 +68,29 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
         public_examples=len(public),
         client_pool_examples=len(client_pool),
     )
-    distillation = ServerDistillation(config, student, device, recorder) if config.uses_teacher else None
+    distillation = None
+    if config.uses_teacher:
+        teacher_state = checkpoint.teacher_state if checkpoint else None
+        distillation = ServerDistillation(config, student, device, recorder, teacher_state)
+    generators = {"public": distillation.public_loader.generator} if distillation else {}
+    offset = checkpoint.round if checkpoint else 0
+    if checkpoint:
+        restore_rng(checkpoint.rng, generators)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Server-side evaluation closes a round: record it, then checkpoint it."""
+        if server_round == 0 and offset:
+            return None  # a resumed run's starting point was evaluated before the interruption
+        server_round += offset
         load_shipped_state(student, arrays.to_torch_state_dict(), config)
         metrics = {"student": evaluate(student, eval_loader, device).metrics()}
         if distillation is not None:
             metrics["teacher"] = evaluate(distillation.teacher, eval_loader, device).metrics()
         recorder.finish_round(server_round, metrics)
+        teacher_state = distillation.teacher.state_dict() if distillation else None
+        Checkpoint(server_round, arrays.to_torch_state_dict(), teacher_state, capture_rng(generators)).save(
+            recorder.run_dir
+        )
         return MetricRecord(metrics["student"])
 
     strategy = TrackedFedAvg(
@@ -75,6 +99,7 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
         once_per_node=distillation.client_teacher if distillation else None,
         # No partition holds more than the cap, or the whole client pool: larger claims are dropped.
         max_examples_per_update=config.max_train_examples_per_client or len(client_pool),
+        round_offset=offset,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=1,
@@ -84,7 +109,7 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
-        num_rounds=config.num_server_rounds,
+        num_rounds=config.num_server_rounds - offset,
         evaluate_fn=evaluate_global,
     )
     final_arrays = result.arrays if result.arrays is not None else initial_arrays
@@ -98,5 +123,6 @@ def run_federation(grid: Grid, config: RunConfig, recorder: RunRecorder) -> None
             distillation.teacher, recorder.data["teacher"], config, recorder.run_dir / "teacher"
         )
         artifacts["teacher"] = str(teacher_dir.resolve())
+        artifacts["pretrained_teacher"] = str(distillation.pretrained_dir.resolve())
     recorder.finish(artifacts)
     log(INFO, "Results: %s; models saved in %s", recorder.path, recorder.run_dir)

@@ -8,6 +8,7 @@ Flower 1.42 happens only through `aggregate_train`'s return value.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
 
@@ -41,6 +42,7 @@ class TrackedFedAvg(FedAvg):
         after_aggregate: AfterAggregate | None = None,
         once_per_node: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
         max_examples_per_update: int | None = None,
+        round_offset: int = 0,
         **kwargs,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
@@ -52,10 +54,13 @@ class TrackedFedAvg(FedAvg):
         self._nodes_served_once: set[int] = set()
         self.max_examples_per_update = max_examples_per_update
         self._sent_arrays: ArrayRecord | None = None
+        # `Strategy.start` counts from 1; a resumed run's rounds continue after the offset.
+        self.round_offset = round_offset
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self.recorder.start_round(server_round)
         self._sent_arrays = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -66,6 +71,7 @@ class TrackedFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         accepted = []
         for reply in self._successful(server_round, "train", list(replies)):
             node_id = reply.metadata.src_node_id
@@ -80,6 +86,8 @@ class TrackedFedAvg(FedAvg):
             else:
                 log(WARNING, "round %d: update of node %d dropped: %s", server_round, node_id, problem)
                 self.recorder.add_failure(server_round, "train", node_id, f"rejected update: {problem}")
+        # Float sums depend on their order; arrival order varies from run to run.
+        accepted.sort(key=self._content_digest)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.after_aggregate is not None:
             arrays = self.after_aggregate(server_round, arrays)
@@ -90,11 +98,13 @@ class TrackedFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._count_down(server_round, "evaluate", messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         self._successful(server_round, "evaluate", replies)
         metrics = super().aggregate_evaluate(server_round, replies)
@@ -112,6 +122,12 @@ class TrackedFedAvg(FedAvg):
             self.recorder.set_params_per_message(
                 server_round, stage, payload_params(messages[0].content.array_records[self.arrayrecord_key])
             )
+
+    def _content_digest(self, reply: Message) -> str:
+        digest = hashlib.sha1()
+        for array in reply.content.array_records[self.arrayrecord_key].values():
+            digest.update(array.data)
+        return digest.hexdigest()
 
     def update_problem(self, content: RecordDict) -> str | None:
         """Why a client's train reply must not enter the average, or None if it may.

@@ -1,0 +1,107 @@
+"""Kill a run after round 1, resume it, and get what an uninterrupted run gets."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedkdlora_app.checkpoint import Checkpoint
+from fedkdlora_app.config import ConfigError
+from fedkdlora_app.results import RunRecorder
+from tests.conftest import GLUE_DIR, REPO, make_config
+from tests.test_simulation import QUICK, _overrides, simulate
+
+KD = {
+    **QUICK,
+    "scheme": "fedkdlora",
+    "num-server-rounds": 3,
+    "max-public-examples": 32,
+    "teacher-pretrain-epochs": 1,
+}
+
+
+def _server_metrics(results: dict) -> list[tuple[int, dict]]:
+    return [(r["round"], r["server"]) for r in results["rounds"]]
+
+
+def _assert_same_metrics(a: list[tuple[int, dict]], b: list[tuple[int, dict]]) -> None:
+    assert [r for r, _ in a] == [r for r, _ in b]
+    for (round_a, server_a), (_, server_b) in zip(a, b, strict=True):
+        for role in server_a:
+            for key in ("accuracy", "mcc", "tn", "fp", "fn", "tp"):
+                assert server_a[role][key] == server_b[role][key], (round_a, role, key)
+            assert math.isclose(server_a[role]["loss"], server_b[role]["loss"], rel_tol=1e-6), (round_a, role)
+
+
+def _kill_after_round(results_dir: Path, round_: int, timeout: float = 300) -> Path:
+    """Start a run in another process; SIGTERM it once round `round_` is checkpointed."""
+    values = {**KD, "data-dir": str(GLUE_DIR), "results-dir": str(results_dir)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedkdlora_app.launcher", str(REPO), "--run-config", _overrides(values)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            checkpoints = list(results_dir.glob("*/checkpoint.pt"))
+            if checkpoints and Checkpoint.load(checkpoints[0].parent).round >= round_:
+                break
+            time.sleep(0.5)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    return next(results_dir.glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    code, results = simulate(tmp_path_factory.mktemp("full"), **KD)
+    assert code == 0, results and results["run"]["error"]
+    return results
+
+
+def test_same_seed_same_metrics_and_resume_matches(uninterrupted, tmp_path) -> None:
+    results_path = _kill_after_round(tmp_path, 1)
+    interrupted = json.loads(results_path.read_text())
+    assert interrupted["run"]["status"] == "running"  # killed: never closed
+    completed = Checkpoint.load(results_path.with_suffix("")).round
+    assert 1 <= completed < 3
+    # determinism: the same seed and config gave the same rounds so far
+    done = [(r, s) for r, s in _server_metrics(interrupted) if s and r <= completed]
+    _assert_same_metrics(done, _server_metrics(uninterrupted)[: completed + 1])
+
+    code, resumed = simulate(tmp_path, **{**KD, "resume-from": str(results_path)})
+    assert code == 0, resumed["run"]["error"]
+    assert sorted(tmp_path.glob("*.json")) == [results_path]  # the same run, continued
+    assert resumed["run"]["status"] == "completed"
+    [resume] = resumed["run"]["resumes"]
+    assert resume["after_round"] == completed and resume["previous_status"] == "running"
+    _assert_same_metrics(_server_metrics(resumed), _server_metrics(uninterrupted))
+    last, full_last = resumed["rounds"][-1]["communication"], uninterrupted["rounds"][-1]["communication"]
+    assert last["cumulative_up_bytes"] == full_last["cumulative_up_bytes"]
+    assert Path(resumed["artifacts"]["teacher"], "config.json").is_file()
+
+
+def test_resume_refuses_a_changed_config(uninterrupted) -> None:
+    path = Path(uninterrupted["artifacts"]["student"]).parents[1] / f"{uninterrupted['run']['name']}.json"
+    before = path.read_bytes()
+    config = make_config(**{**KD, "lora-r": 4, "resume-from": str(path), "results-dir": str(path.parent)})
+    with pytest.raises(ConfigError, match="'lora-r' = 4: the run being resumed used 8"):
+        RunRecorder(config, resume=(path, 3))
+    assert path.read_bytes() == before  # nothing written
+
+
+def test_resume_from_needs_a_checkpoint(tmp_path) -> None:
+    lonely = tmp_path / "run.json"
+    lonely.write_text("{}")
+    with pytest.raises(ConfigError, match=r"'resume-from' = .*checkpoint"):
+        make_config(**{"resume-from": str(lonely)})
