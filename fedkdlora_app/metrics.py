@@ -75,7 +75,7 @@ def aggregate_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) 
 
 
 def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Example-weighted mean training loss, total examples, slowest client's seconds."""
+    """Example-weighted mean training loss, total examples, slowest client's and all clients' seconds."""
     all_metrics = [m for record in records for m in record.metric_records.values()]
     weights = [int(m[weighted_by_key]) for m in all_metrics]
     total = sum(weights)
@@ -85,5 +85,6 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> 
             / total,
             weighted_by_key: total,
             "train-seconds-max": max(float(m["train-seconds"]) for m in all_metrics),
+            "train-seconds-sum": sum(float(m["train-seconds"]) for m in all_metrics),
         }
     )

@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 
+from fedkdlora_app.config import SCHEMES
+
 MB = 1e6
 
 
@@ -173,9 +175,19 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _order(run: RunResult) -> tuple:
+    scheme = run.config["scheme"]
+    return (
+        SCHEMES.index(scheme) if scheme in SCHEMES else len(SCHEMES),
+        run.config["teacher-data-pct"],
+        run.config["lora-r"],
+    )
+
+
 def write_report(runs: list[RunResult], out: Path) -> list[Path]:
     """`comparison.md` and the figures, per task when runs of several tasks are given."""
     out.mkdir(parents=True, exist_ok=True)
+    runs = sorted(runs, key=_order)
     written = []
     for task in sorted({run.task for run in runs}):
         task_runs = [run for run in runs if run.task == task]
