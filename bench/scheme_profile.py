@@ -2,7 +2,8 @@
 
 Reads results JSON files (e.g. a `fedkdlora-compare` folder's `runs/`) and prints, per run:
 client training throughput over rounds 2..R (examples trained divided by the clients'
-summed training seconds: examples per second of client training), mean round seconds, and for FedKDLoRA the server distillation's seconds and share of the round.
+summed training seconds: examples per second of client training), mean round seconds,
+and for FedKDLoRA the server distillation's seconds and share of the round.
 
     python bench/scheme_profile.py results/compare-sst2-*/runs
 """
