@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared/data/glue"))
     parser.add_argument("--federation-config", default="", help="e.g. 'client-resources-num-gpus=0.25'")
+    parser.add_argument("--out", type=Path, help="also write the report JSON here (stdout has Flower's log)")
     return parser.parse_args()
 
 
@@ -143,6 +144,8 @@ def main() -> None:
         "reduction_vs_fedavg": round(model["student_parameters"] * 4 / model["shipped_bytes_per_message"], 1),
     }
     print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
