@@ -171,6 +171,12 @@ class RunConfig:
             raise ConfigError(
                 f"run-config key 'client-kd' = true: needs scheme 'fedkdlora', not '{self.scheme}'"
             )
+        for key, value in (
+            ("student-model", self.student_model),
+            ("teacher-base-model", self.teacher_base_model),
+        ):
+            if _looks_like_path(value) and not Path(value).expanduser().exists():
+                raise ConfigError(f"run-config key '{key}' = '{value}': no such local model folder")
         if self.teacher_model and not (Path(self.teacher_model) / "config.json").is_file():
             raise ConfigError(
                 f"run-config key 'teacher-model' = '{self.teacher_model}': no model directory "
@@ -190,6 +196,11 @@ class RunConfig:
                 path = Path(self.data_dir) / self.task / f"{split}.tsv"
                 if not path.is_file():
                     raise ConfigError(f"run-config key 'data-dir' = '{self.data_dir}': no file {path}")
+
+
+def _looks_like_path(value: str) -> bool:
+    """Hub ids look like `name` or `org/name`; local folders are written with a leading / . or ~."""
+    return value.startswith(("/", ".", "~"))
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -27,6 +27,18 @@ def test_shipped_defaults_are_valid() -> None:
         ({"lora-r": "8"}, "'lora-r' = '8': expected int, got str"),
         ({"data-dir": "/nonexistent"}, "'data-dir' = '/nonexistent': no file"),
         ({"lora-rank": 8}, "unknown run-config key(s): lora-rank"),
+        (
+            {"student-model": "./no/such/model"},
+            "'student-model' = './no/such/model': no such local model folder",
+        ),
+        (
+            {"teacher-base-model": "/no/model"},
+            "'teacher-base-model' = '/no/model': no such local model folder",
+        ),
+        ({"local-epochs": -1}, "'local-epochs' = -1: must be >= 0"),
+        ({"client-lr": -0.1}, "'client-lr' = -0.1: must be > 0"),
+        ({"num-server-rounds": 0}, "'num-server-rounds' = 0: must be >= 1"),
+        ({"fraction-evaluate": 0.0}, "'fraction-evaluate' = 0.0: must be in (0, 1]"),
     ],
 )
 def test_bad_values_name_the_key(overrides: dict, message: str) -> None:

@@ -105,3 +105,15 @@ def test_saved_student_loads_like_a_user_would(scheme: str, tmp_path) -> None:
     batch = load_tokenizer("")(["a fine film"], return_tensors="pt")
     model.eval(), loaded.eval()
     torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_same_seed_same_initial_student() -> None:
+    config = make_config(scheme="fedlora")
+    states = []
+    for _ in range(2):
+        torch.manual_seed(config.seed)
+        states.append(shipped_state(build_student(config), config))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    torch.manual_seed(config.seed + 1)
+    other = shipped_state(build_student(config), config)
+    assert any(not torch.equal(states[0][k], other[k]) for k in other)
