@@ -1,8 +1,8 @@
 # Two entry points for a fresh machine: `make demo` (set up + quick run) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU wheel first: with no torch installed, an unpinned `torch` pulls a multi-GB CUDA build.
-# On a GPU machine: make setup TORCH_SPEC=torch
+# torch first: here 2.13.0 is a CPU wheel on local disk, while an unpinned `torch` pulls a
+# multi-GB CUDA build. Elsewhere choose the build, e.g. on a GPU machine: make setup TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 # The local GLUE copy beside the repo when present, else "" = the Hugging Face hub.
 GLUE ?= $(if $(wildcard ../shared/data/glue/sst2/train.tsv),../shared/data/glue,)

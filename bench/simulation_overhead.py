@@ -63,7 +63,7 @@ def run_config(args: argparse.Namespace, results_dir: Path) -> dict:
 
 def simulated(args: argparse.Namespace, values: dict) -> tuple[list[float], float, dict]:
     """(per-round wall seconds, end-to-end seconds, results JSON) of the Flower simulation."""
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+    overrides = launcher.format_overrides(values)
     federation = f"num-supernodes={args.clients} {args.federation_config}".strip()
     start = time.perf_counter()
     code = launcher.main([str(REPO), "--run-config", overrides, "--federation-config", federation])

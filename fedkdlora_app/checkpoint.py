@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_FILE = "checkpoint.pt"
+from fedkdlora_app.config import CHECKPOINT_FILE
 
 
 def capture_rng(generators: dict[str, torch.Generator]) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def _global_state(message: Message) -> dict[str, torch.Tensor]:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    config = RunConfig.from_mapping(context.run_config)
+    config = RunConfig.from_mapping(context.run_config, on_server=False)
     partition_id, num_partitions = partition_of(context)
     server_round = int(message.content.config_records["config"]["server-round"])
     teacher = frozen_teacher(message, context, config) if config.client_kd else None
@@ -147,6 +147,6 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global_model(message: Message, context: Context) -> Message:
-    config = RunConfig.from_mapping(context.run_config)
+    config = RunConfig.from_mapping(context.run_config, on_server=False)
     counts = local_evaluate(config, *partition_of(context), _global_state(message))
     return Message(content=RecordDict({"metrics": MetricRecord(counts.metrics())}), reply_to=message)

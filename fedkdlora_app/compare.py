@@ -9,7 +9,6 @@ original study (full data, 4 clients, 10 rounds, r = 8/16/32) and are meant for 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,10 +85,6 @@ def common_overrides(args: argparse.Namespace, results_dir: Path) -> dict[str, A
     return values | (QUICK_CAPS if args.quick else {})
 
 
-def _as_overrides(values: dict[str, Any]) -> str:
-    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -100,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     federation = f"num-supernodes={args.clients} {args.federation_config}".strip()
     failed = []
     for index, run in enumerate(plan, start=1):
-        print(f"fedkdlora-compare: run {index}/{len(plan)}: {_as_overrides(run)}", flush=True)
-        overrides = [_as_overrides(common | run)] + ([args.run_config] if args.run_config else [])
+        print(f"fedkdlora-compare: run {index}/{len(plan)}: {launcher.format_overrides(run)}", flush=True)
+        overrides = [launcher.format_overrides(common | run)] + ([args.run_config] if args.run_config else [])
         argv_run = [args.app, "--federation-config", federation]
         for override in overrides:
             argv_run += ["--run-config", override]

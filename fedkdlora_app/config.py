@@ -18,6 +18,14 @@ TASKS = ("cola", "sst2")
 PARTITIONINGS = ("seed", "iid", "dirichlet")
 
 
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def run_dir_of(results_json: Path) -> Path:
+    """A run's folder (models, checkpoint) sits beside its results JSON, with the same name."""
+    return results_json.with_suffix("")
+
+
 def app_defaults(app_dir: Path) -> dict[str, Any]:
     """`[tool.flwr.app.config]` of the app's pyproject.toml: the one home of the defaults."""
     from flwr.common.config import get_project_config
@@ -72,8 +80,12 @@ class RunConfig:
     resume_from: str
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Build from a kebab-case run-config; unknown or missing keys are errors."""
+    def from_mapping(cls, values: Mapping[str, Any], on_server: bool = True) -> RunConfig:
+        """Build from a kebab-case run-config; unknown or missing keys are errors.
+
+        `on_server=False` (ClientApps) skips the paths only the server reads: on real
+        SuperNodes they exist on the server's host, not the client's.
+        """
         by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(set(values) - set(by_key))
         if unknown:
@@ -84,17 +96,13 @@ class RunConfig:
         kwargs = {f.name: _coerce(key, values[key], f.type) for key, f in by_key.items()}
         config = cls(**kwargs)
         config.validate()
+        if on_server:
+            config.validate_server_paths()
         return config
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with its run-config (kebab-case) key names."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
-
-    def replace(self, **changes: Any) -> RunConfig:
-        """A validated copy with some fields changed (snake_case names)."""
-        config = dataclasses.replace(self, **changes)
-        config.validate()
-        return config
 
     @property
     def uses_lora(self) -> bool:
@@ -171,24 +179,10 @@ class RunConfig:
             raise ConfigError(
                 f"run-config key 'client-kd' = true: needs scheme 'fedkdlora', not '{self.scheme}'"
             )
-        for key, value in (
-            ("student-model", self.student_model),
-            ("teacher-base-model", self.teacher_base_model),
-        ):
-            if _looks_like_path(value) and not Path(value).expanduser().exists():
-                raise ConfigError(f"run-config key '{key}' = '{value}': no such local model folder")
-        if self.teacher_model and not (Path(self.teacher_model) / "config.json").is_file():
+        if _looks_like_path(self.student_model) and not Path(self.student_model).expanduser().exists():
             raise ConfigError(
-                f"run-config key 'teacher-model' = '{self.teacher_model}': no model directory "
-                "(config.json) there; give a folder written by fedkdlora-pretrain-teacher, or '' to pre-train"
+                f"run-config key 'student-model' = '{self.student_model}': no such local model folder"
             )
-        if self.resume_from:
-            checkpoint = Path(self.resume_from).with_suffix("") / "checkpoint.pt"
-            if not (Path(self.resume_from).is_file() and checkpoint.is_file()):
-                raise ConfigError(
-                    f"run-config key 'resume-from' = '{self.resume_from}': give the results JSON of a run "
-                    f"whose folder holds a checkpoint ({checkpoint} not found)"
-                )
         if self.dirichlet_alpha <= 0:
             raise ConfigError(f"run-config key 'dirichlet-alpha' = {self.dirichlet_alpha}: must be > 0")
         if self.data_dir:
@@ -196,6 +190,24 @@ class RunConfig:
                 path = Path(self.data_dir) / self.task / f"{split}.tsv"
                 if not path.is_file():
                     raise ConfigError(f"run-config key 'data-dir' = '{self.data_dir}': no file {path}")
+
+    def validate_server_paths(self) -> None:
+        """Files only the ServerApp reads: the teacher and the run to resume."""
+        base = self.teacher_base_model
+        if _looks_like_path(base) and not Path(base).expanduser().exists():
+            raise ConfigError(f"run-config key 'teacher-base-model' = '{base}': no such local model folder")
+        if self.teacher_model and not (Path(self.teacher_model) / "config.json").is_file():
+            raise ConfigError(
+                f"run-config key 'teacher-model' = '{self.teacher_model}': no model directory "
+                "(config.json) there; give a folder written by fedkdlora-pretrain-teacher, or '' to pre-train"
+            )
+        if self.resume_from:
+            checkpoint = run_dir_of(Path(self.resume_from)) / CHECKPOINT_FILE
+            if not (Path(self.resume_from).is_file() and checkpoint.is_file()):
+                raise ConfigError(
+                    f"run-config key 'resume-from' = '{self.resume_from}': give the results JSON of a run "
+                    f"whose folder holds a checkpoint ({checkpoint} not found)"
+                )
 
 
 def _looks_like_path(value: str) -> bool:

@@ -10,7 +10,7 @@ cover exactly the examples the server scores.
 from __future__ import annotations
 
 import csv
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import datasets
@@ -61,7 +61,7 @@ def read_glue_tsv(path: Path, task: str) -> datasets.Dataset:
         raise DataError(f"{path}: expected columns 'sentence' and 'label', found {list(frame.columns)}")
     first_line = 1 if layout["header"] is None else 2
     bad_label = ~frame["label"].isin(["0", "1"])
-    empty = frame["sentence"].str.strip() == ""
+    empty = frame["sentence"].isna() | (frame["sentence"].str.strip() == "")
     for mask, problem in ((bad_label, "label is not 0 or 1"), (empty, "empty sentence")):
         if mask.any():
             row = int(mask.to_numpy().argmax())
@@ -71,6 +71,7 @@ def read_glue_tsv(path: Path, task: str) -> datasets.Dataset:
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
+@lru_cache(maxsize=8)
 def load_split(config: RunConfig, split: str) -> datasets.Dataset:
     """`split` is `train` or `dev`; from `data-dir` when set, else from the hub."""
     if config.data_dir:
@@ -141,8 +142,14 @@ def eval_split(config: RunConfig) -> datasets.Dataset:
 
 def client_eval_shard(config: RunConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
     """Client `partition_id`'s contiguous shard of the evaluation set."""
+    examples = eval_split(config)
+    if len(examples) < num_partitions:
+        raise DataError(
+            f"run-config key 'max-eval-examples' = {config.max_eval_examples}: "
+            f"{len(examples)} evaluation examples cannot give each of {num_partitions} clients a shard"
+        )
     partitioner = IidPartitioner(num_partitions=num_partitions)
-    partitioner.dataset = eval_split(config)
+    partitioner.dataset = examples
     return partitioner.load_partition(partition_id)
 
 
@@ -199,7 +206,7 @@ def loader_for(dataset: datasets.Dataset, config: RunConfig, shuffle_seed: int |
     )
 
 
-@lru_cache(maxsize=4)
+@cache  # a worker may serve every partition, train and eval: all stay tokenised
 def cached_client_examples(
     config: RunConfig, partition_id: int, num_partitions: int, split: str
 ) -> TokenizedDataset:

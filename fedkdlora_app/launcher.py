@@ -21,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import click
 import psutil
 import tomli_w
 from flwr.common.config import parse_config_args
@@ -56,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def format_overrides(values: dict[str, Any]) -> str:
+    """Run-config values as one `--run-config` string (TOML literals: strings quoted)."""
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
 def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path) -> dict:
     """Overrides with every path key absolute (defaults included, so results land here).
 
@@ -63,7 +70,12 @@ def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path) -> dict:
     SuperLink is started or a model loaded.
     """
     defaults = app_defaults(app_dir)
-    values = parse_config_args(overrides) if overrides else {}
+    try:
+        values = parse_config_args(overrides) if overrides else {}
+    except (click.ClickException, ValueError) as error:  # e.g. scheme=fedavg: strings need quotes
+        raise ConfigError(
+            f"--run-config {overrides}: {error}; quote strings, e.g. scheme='fedavg'"
+        ) from error
     for key in PATH_KEYS:
         value = values.get(key, defaults.get(key))
         if value and not Path(value).is_absolute() and (not key.endswith("model") or (cwd / value).exists()):

@@ -8,6 +8,7 @@ weighted mean of per-client MCC values would not be.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,10 +68,10 @@ class EvalCounts:
 
 def aggregate_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Client evaluations combined by summing their counts (strategy's evaluate aggregator)."""
+    parts = [EvalCounts.from_metrics(m) for record in records for m in record.metric_records.values()]
     total = EvalCounts(0.0, 0, 0, 0, 0)
-    for record in records:
-        for metrics in record.metric_records.values():
-            total = total + EvalCounts.from_metrics(metrics)
+    for part in sorted(parts, key=dataclasses.astuple):  # arrival order must not change the float sum
+        total = total + part
     return MetricRecord(total.metrics())
 
 

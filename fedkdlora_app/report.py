@@ -15,8 +15,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 
 from fedkdlora_app.config import SCHEMES
-
-MB = 1e6
+from fedkdlora_app.results import MB
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,8 @@ class RunResult:
         data = json.loads(path.read_text())
         if "rounds" not in data or "config" not in data:
             raise ValueError(f"{path}: not a fedkdlora results JSON (no 'rounds'/'config')")
+        if not any("student" in r["server"] for r in data["rounds"]):
+            raise ValueError(f"{path}: the run has no evaluated round yet")
         return cls(path, data)
 
     @property
@@ -50,31 +51,36 @@ class RunResult:
             parts.append(f"public={self.config['teacher-data-pct']:g}%")
         return " ".join(parts)
 
+    @property
+    def finished_rounds(self) -> list[dict[str, Any]]:
+        """Rounds that closed with server-side metrics (a failed run's last round may not have)."""
+        return [r for r in self.data["rounds"] if "student" in r["server"]]
+
     def series(self, role: str, metric: str) -> tuple[list[int], list[float]]:
-        rounds = [r for r in self.data["rounds"] if role in r["server"]]
+        rounds = [r for r in self.finished_rounds if role in r["server"]]
         return [r["round"] for r in rounds], [r["server"][role][metric] for r in rounds]
 
     def cumulative_mb(self) -> list[float]:
-        """Bytes both ways so far, after each round (round 0: nothing sent yet)."""
+        """Bytes both ways so far, after each finished round (round 0: nothing sent yet)."""
         return [
-            (
-                r["communication"].get("cumulative_up_bytes", 0)
-                + r["communication"].get("cumulative_down_bytes", 0)
-            )
-            / MB
-            for r in self.data["rounds"]
+            (r["communication"]["cumulative_up_bytes"] + r["communication"]["cumulative_down_bytes"]) / MB
+            for r in self.finished_rounds
         ]
 
     def summary(self) -> dict[str, Any]:
         _, acc = self.series("student", "accuracy")
         _, mcc = self.series("student", "mcc")
-        last = self.data["rounds"][-1]["communication"]
+        last = self.finished_rounds[-1]["communication"]
+        # a run killed before it closed has no total: its finished rounds' seconds instead
+        seconds = self.data["run"]["wall_seconds_total"] or sum(
+            r["wall_seconds"] for r in self.finished_rounds
+        )
         row = {
             "final acc": acc[-1],
             "best acc": max(acc),
-            "MB up": last.get("cumulative_up_bytes", 0) / MB,
-            "MB down": last.get("cumulative_down_bytes", 0) / MB,
-            "seconds": self.data["run"]["wall_seconds_total"],
+            "MB up": last["cumulative_up_bytes"] / MB,
+            "MB down": last["cumulative_down_bytes"] / MB,
+            "seconds": seconds,
         }
         if self.task == "cola":
             row |= {"final MCC": mcc[-1], "best MCC": max(mcc)}
@@ -88,7 +94,7 @@ def varying_keys(runs: list[RunResult]) -> set[str]:
 def markdown_table(runs: list[RunResult]) -> str:
     """One row per run; rounds counted so runs of different length are not mistaken as equal."""
     varying = varying_keys(runs)
-    rows = [(run.label(varying), len(run.data["rounds"]) - 1, run.summary()) for run in runs]
+    rows = [(run.label(varying), len(run.finished_rounds) - 1, run.summary()) for run in runs]
     columns = list(rows[0][2]) if rows else []
     if any("final MCC" in row for _, _, row in rows):
         columns = ["final acc", "best acc", "final MCC", "best MCC", "MB up", "MB down", "seconds"]

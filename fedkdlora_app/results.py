@@ -19,11 +19,11 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from fedkdlora_app.config import ConfigError, RunConfig
+from fedkdlora_app.config import ConfigError, RunConfig, run_dir_of
 
 SCHEMA_VERSION = 1
 _PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "datasets", "scikit-learn")
-_MB = 1e6
+MB = 1e6
 # Keys a resumed run may change: where to resume from, and how many rounds in all.
 RESUMABLE_CHANGES = ("resume-from", "num-server-rounds")
 
@@ -127,7 +127,7 @@ class RunRecorder:
     def _set_paths(self, path: Path) -> None:
         self.path = path
         self.name = path.stem
-        self.run_dir = path.with_suffix("")
+        self.run_dir = run_dir_of(path)
 
     # --- per-round bookkeeping -------------------------------------------------------
     def round(self, server_round: int) -> dict[str, Any]:
@@ -197,7 +197,7 @@ class RunRecorder:
             mcc = f" mcc {metrics['mcc']:.4f}" if self.data["config"]["task"] == "cola" else ""
             parts.append(f"{role} acc {metrics['accuracy']:.4f} loss {metrics['loss']:.4f}{mcc}")
         comm = entry["communication"]
-        parts.append(f"up {comm['up_bytes'] / _MB:.2f} MB down {comm['down_bytes'] / _MB:.2f} MB")
+        parts.append(f"up {comm['up_bytes'] / MB:.2f} MB down {comm['down_bytes'] / MB:.2f} MB")
         if entry["failures"]:
             parts.append(f"{len(entry['failures'])} failure(s)")
         parts.append(f"{entry['wall_seconds']:.1f} s")

@@ -10,7 +10,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedkdlora_app.checkpoint import Checkpoint, capture_rng, restore_rng
-from fedkdlora_app.config import RunConfig
+from fedkdlora_app.config import RunConfig, run_dir_of
 from fedkdlora_app.data import eval_split, load_split, loader_for, split_public
 from fedkdlora_app.distillation import ServerDistillation
 from fedkdlora_app.models import (
@@ -35,7 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)
     checkpoint = None
     if config.resume_from:
-        checkpoint = Checkpoint.load(Path(config.resume_from).with_suffix(""))
+        checkpoint = Checkpoint.load(run_dir_of(Path(config.resume_from)))
         recorder = RunRecorder(config, resume=(Path(config.resume_from), checkpoint.round))
         log(INFO, "FedKDLoRA: resuming %s after round %d", recorder.path, checkpoint.round)
     else:
@@ -65,7 +65,7 @@ def run_federation(
         shipped_parameters=sum(t.numel() for t in initial_arrays.to_torch_state_dict().values()),
         shipped_bytes_per_message=payload_bytes(initial_arrays),
         eval_examples=len(eval_loader.dataset),
-        public_examples=len(public),
+        public_examples=min(len(public), config.max_public_examples or len(public)),
         client_pool_examples=len(client_pool),
     )
     distillation = None
@@ -87,7 +87,9 @@ def run_federation(
         if distillation is not None:
             metrics["teacher"] = evaluate(distillation.teacher, eval_loader, device).metrics()
         recorder.finish_round(server_round, metrics)
-        teacher_state = distillation.teacher.state_dict() if distillation else None
+        teacher_state = (
+            {k: v.cpu() for k, v in distillation.teacher.state_dict().items()} if distillation else None
+        )
         Checkpoint(server_round, arrays.to_torch_state_dict(), teacher_state, capture_rng(generators)).save(
             recorder.run_dir
         )
@@ -112,7 +114,8 @@ def run_federation(
         num_rounds=config.num_server_rounds - offset,
         evaluate_fn=evaluate_global,
     )
-    final_arrays = result.arrays if result.arrays is not None else initial_arrays
+    # Result.arrays is an empty record when no round produced an aggregate.
+    final_arrays = result.arrays if len(result.arrays) else initial_arrays
     load_shipped_state(student, final_arrays.to_torch_state_dict(), config)
     student_dir = save_student(student, config, recorder.run_dir / "student")
     artifacts = {"student": str(student_dir.resolve())}

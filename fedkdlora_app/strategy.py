@@ -75,6 +75,7 @@ class TrackedFedAvg(FedAvg):
         accepted = []
         for reply in self._successful(server_round, "train", list(replies)):
             node_id = reply.metadata.src_node_id
+            self._nodes_served_once.add(node_id)  # it replied, so it got what it needed once
             records = reply.content.array_records
             if self.arrayrecord_key in records:
                 self.recorder.add_bytes(
@@ -162,18 +163,21 @@ class TrackedFedAvg(FedAvg):
         return None
 
     def _attach_once_per_node(self, server_round: int, messages: list[Message]) -> None:
-        """Records a node needs once (the client-KD teacher): first train message only, bytes counted."""
+        """Records a node needs once (the client-KD teacher), until it has replied to a message carrying them.
+
+        FedAvg gives every message the same RecordDict: the records go into a copy for
+        this node's message only.
+        """
         if not self.once_per_node:
             return
         for message in messages:
             node_id = message.metadata.dst_node_id
             if node_id in self._nodes_served_once:
                 continue
-            for key, record in self.once_per_node.items():
-                message.content[key] = record
+            message.content = RecordDict({**message.content, **self.once_per_node})
+            for record in self.once_per_node.values():
                 if isinstance(record, ArrayRecord):
                     self.recorder.add_bytes(server_round, node_id, "down", "teacher", payload_bytes(record))
-            self._nodes_served_once.add(node_id)
 
     def _successful(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
         """Replies without error; the others are recorded as failures of the round."""

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 
-from fedkdlora_app.config import RunConfig
+from fedkdlora_app.config import RunConfig, app_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
@@ -16,8 +15,7 @@ GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 
 def default_run_config() -> dict[str, Any]:
     """`[tool.flwr.app.config]` exactly as pyproject.toml ships it."""
-    with open(REPO / "pyproject.toml", "rb") as handle:
-        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+    return app_defaults(REPO)
 
 
 def make_config(**overrides: Any) -> RunConfig:

@@ -151,3 +151,19 @@ def test_a_round_with_only_bad_updates_keeps_the_global_model(recorder) -> None:
     nan = [np.full(2, np.nan, dtype=np.float32), np.zeros((1, 1), dtype=np.float32)]
     arrays, metrics = strategy.aggregate_train(1, [_reply(1, nan, 5)])
     assert arrays is None and metrics is None  # Strategy.start then keeps the previous arrays
+
+
+def test_one_time_records_go_to_new_nodes_only(recorder: RunRecorder) -> None:
+    teacher = ArrayRecord([np.ones(1000, dtype=np.float32)])
+    strategy = TrackedFedAvg(recorder, once_per_node={"teacher": teacher})
+    shared = RecordDict({"arrays": ArrayRecord(GLOBAL), "config": ConfigRecord({"server-round": 1})})
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    messages = [Message(shared, dst_node_id=node, message_type="train") for node in (1, 2)]
+    strategy._attach_once_per_node(1, messages)
+    assert all("teacher" in m.content for m in messages) and "teacher" not in shared
+    strategy.aggregate_train(1, [_reply(1, GLOBAL, 5)])  # node 1 replied; node 2 did not
+    again = [Message(shared, dst_node_id=node, message_type="train") for node in (1, 2)]
+    strategy._attach_once_per_node(2, again)
+    assert "teacher" not in again[0].content and "teacher" in again[1].content
+    teacher_bytes = [recorder.round(r)["communication"]["down_bytes_teacher"] for r in (1, 2)]
+    assert teacher_bytes == [2 * payload_bytes(teacher), payload_bytes(teacher)]

@@ -98,8 +98,8 @@ def test_pretrain_command_writes_a_teacher_a_run_accepts(tmp_path, capsys) -> No
     assert "dev accuracy" in printed and str(out) in printed
     info = json.loads((out / TEACHER_INFO).read_text())
     assert info["task"] == "sst2" and info["public-examples"] == 16 and info["dev"]["num-examples"] == 16
-    teacher, loaded_info = load_teacher(_kd_config(**{"teacher-model": str(out)}))
-    assert loaded_info == info and teacher.config.num_hidden_layers == 6
+    teacher, _ = load_teacher(_kd_config(**{"teacher-model": str(out)}))
+    assert teacher.config.num_hidden_layers == 6
     with pytest.raises(ConfigError, match=r"'teacher-model' = .*pre-trained with task 'sst2'"):
         load_teacher(_kd_config(task="cola", **{"teacher-model": str(out)}))
 

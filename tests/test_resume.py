@@ -13,9 +13,10 @@ import pytest
 
 from fedkdlora_app.checkpoint import Checkpoint
 from fedkdlora_app.config import ConfigError
+from fedkdlora_app.launcher import format_overrides
 from fedkdlora_app.results import RunRecorder
 from tests.conftest import GLUE_DIR, REPO, make_config
-from tests.test_simulation import QUICK, _overrides, simulate
+from tests.test_simulation import QUICK, simulate
 
 KD = {
     **QUICK,
@@ -43,17 +44,20 @@ def _kill_after_round(results_dir: Path, round_: int, timeout: float = 300) -> P
     """Start a run in another process; SIGTERM it once round `round_` is checkpointed."""
     values = {**KD, "data-dir": str(GLUE_DIR), "results-dir": str(results_dir)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "fedkdlora_app.launcher", str(REPO), "--run-config", _overrides(values)],
+        [sys.executable, "-m", "fedkdlora_app.launcher", str(REPO), "--run-config", format_overrides(values)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + timeout
+    deadline, seen = time.monotonic() + timeout, None
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            checkpoints = list(results_dir.glob("*/checkpoint.pt"))
-            if checkpoints and Checkpoint.load(checkpoints[0].parent).round >= round_:
-                break
-            time.sleep(0.5)
+            checkpoint = next(results_dir.glob("*/checkpoint.pt"), None)
+            stamp = checkpoint and checkpoint.stat().st_mtime_ns
+            if stamp and stamp != seen:  # load only a checkpoint that changed since the last look
+                seen = stamp
+                if Checkpoint.load(checkpoint.parent).round >= round_:
+                    break
+            time.sleep(0.2)
         assert process.poll() is None, "the run ended before it could be interrupted"
     finally:
         process.send_signal(signal.SIGTERM)
@@ -88,6 +92,12 @@ def test_same_seed_same_metrics_and_resume_matches(uninterrupted, tmp_path) -> N
     last, full_last = resumed["rounds"][-1]["communication"], uninterrupted["rounds"][-1]["communication"]
     assert last["cumulative_up_bytes"] == full_last["cumulative_up_bytes"]
     assert Path(resumed["artifacts"]["teacher"], "config.json").is_file()
+
+    # resuming a finished run with no rounds left just saves its models again
+    code, again = simulate(tmp_path, **{**KD, "resume-from": str(results_path)})
+    assert code == 0, again["run"]["error"]
+    assert [r["round"] for r in again["rounds"]] == [0, 1, 2, 3] and len(again["run"]["resumes"]) == 2
+    _assert_same_metrics(_server_metrics(again), _server_metrics(uninterrupted))
 
 
 def test_resume_refuses_a_changed_config(uninterrupted) -> None:

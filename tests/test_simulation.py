@@ -25,14 +25,10 @@ QUICK = {
 }
 
 
-def _overrides(values: dict[str, Any]) -> str:
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
-
-
 def simulate(results_dir: Path, **overrides: Any) -> tuple[int, dict[str, Any] | None]:
     """Run the app; return the launcher's exit code and the run's results JSON."""
     values = {**QUICK, "data-dir": str(GLUE_DIR), "results-dir": str(results_dir), **overrides}
-    code = launcher.main([str(REPO), "--run-config", _overrides(values)])
+    code = launcher.main([str(REPO), "--run-config", launcher.format_overrides(values)])
     files = sorted(results_dir.glob("*.json"))
     return code, (json.loads(files[-1].read_text()) if files else None)
 
