@@ -74,7 +74,7 @@ def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path) -> dict:
         values = parse_config_args(overrides) if overrides else {}
     except (click.ClickException, ValueError) as error:  # e.g. scheme=fedavg: strings need quotes
         raise ConfigError(
-            f"--run-config {overrides}: {error}; quote strings, e.g. scheme='fedavg'"
+            f"--run-config {' '.join(overrides)!r}: {error} Quote strings: scheme='fedavg'"
         ) from error
     for key in PATH_KEYS:
         value = values.get(key, defaults.get(key))
