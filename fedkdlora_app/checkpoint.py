@@ -7,9 +7,7 @@ results so far live in the results JSON beside it, written the same way.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedkdlora_app.atomic import atomic_file
 from fedkdlora_app.config import CHECKPOINT_FILE
 
 
@@ -48,16 +47,8 @@ class Checkpoint:
     rng: dict[str, Any]
 
     def save(self, run_dir: Path) -> Path:
-        run_dir.mkdir(parents=True, exist_ok=True)
         target = run_dir / CHECKPOINT_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", dir=run_dir)
-        os.close(fd)
-        try:
-            torch.save(vars(self), tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_file(target, lambda tmp: torch.save(vars(self), tmp))
         return target
 
     @classmethod

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +21,7 @@ from peft import (
 )
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import RunConfig
 
 EMBEDDED_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -173,10 +171,10 @@ def save_student(model: torch.nn.Module, config: RunConfig, out_dir: Path) -> Pa
         base_dir = base_model_dir(config, Path(config.results_dir))
         if not base_dir.is_dir():
             base = load_classifier(config.student_model, config.num_labels, config.student_layers)
-            atomic_save_dir(base_dir, lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+            atomic_dir(base_dir, lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         assert isinstance(model, PeftModel)
         model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
-    atomic_save_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    atomic_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return out_dir
 
 
@@ -187,18 +185,3 @@ def load_saved_student(model_dir: Path) -> torch.nn.Module:
         base = AutoModelForSequenceClassification.from_pretrained(peft_config.base_model_name_or_path)
         return PeftModel.from_pretrained(base, model_dir)
     return AutoModelForSequenceClassification.from_pretrained(model_dir)
-
-
-def atomic_save_dir(target: Path, write) -> None:
-    """Write into a temporary sibling, then rename: a crash never leaves half a model."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

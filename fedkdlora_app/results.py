@@ -7,9 +7,7 @@ round it completed and the file never holds half a JSON document.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -19,6 +17,7 @@ from typing import Any
 
 from flwr.common.logger import log
 
+from fedkdlora_app.atomic import atomic_file
 from fedkdlora_app.config import ConfigError, RunConfig, run_dir_of
 
 SCHEMA_VERSION = 1
@@ -228,13 +227,5 @@ class RunRecorder:
         self.write()
 
     def write(self) -> None:
-        """Atomic replace: write a temporary sibling, then rename over the old file."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.data, handle, indent=2, allow_nan=True)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        """Replace the file atomically: readers never see half a JSON document."""
+        atomic_file(self.path, lambda tmp: tmp.write_text(json.dumps(self.data, indent=2, allow_nan=True)))

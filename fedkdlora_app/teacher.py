@@ -18,12 +18,12 @@ import torch
 from flwr.common.logger import log
 from transformers import PreTrainedModel
 
+from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import ConfigError, RunConfig, app_defaults
 from fedkdlora_app.data import eval_split, loader_for, public_split
 from fedkdlora_app.models import (
     EMBEDDED_MODEL_NAME,
     ModelError,
-    atomic_save_dir,
     check_same_tokenizer,
     load_classifier,
     load_tokenizer,
@@ -100,7 +100,7 @@ def save_teacher(teacher: PreTrainedModel, info: dict[str, Any], config: RunConf
         tokenizer.save_pretrained(tmp)
         (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=2))
 
-    atomic_save_dir(out_dir, write)
+    atomic_dir(out_dir, write)
     return out_dir
 
 
