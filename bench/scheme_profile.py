@@ -18,7 +18,8 @@ from statistics import mean
 
 def profile(path: Path) -> dict:
     data = json.loads(path.read_text())
-    rounds = data["rounds"][2:]  # round 0 is set-up, round 1 includes model loading in every worker
+    # round 0 is set-up, round 1 includes model loading in every worker; skip rounds with no update
+    rounds = [r for r in data["rounds"][2:] if "train" in r["clients"]]
     train = [r["clients"]["train"] for r in rounds]
     row = {
         "run": data["run"]["name"],
@@ -26,6 +27,7 @@ def profile(path: Path) -> dict:
         "round s": mean(r["wall_seconds"] for r in rounds),
     }
     if data["config"]["scheme"] == "fedkdlora":
+        rounds = [r for r in rounds if "distillation" in r]
         distill = [r["distillation"]["seconds"] for r in rounds]
         row["distillation s"] = mean(distill)
         row["distillation share"] = mean(d / r["wall_seconds"] for d, r in zip(distill, rounds, strict=True))

@@ -160,7 +160,9 @@ def _first(dataset: datasets.Dataset, limit: int) -> datasets.Dataset:
 class TokenizedDataset(torch.utils.data.Dataset):
     """Pre-tokenised, unpadded examples; padding happens per batch in the collator."""
 
-    def __init__(self, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int):
+    def __init__(
+        self, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    ) -> None:
         encoded = tokenizer(list(dataset["sentence"]), truncation=True, max_length=max_length)
         self._features = [
             {"input_ids": ids, "attention_mask": mask, "labels": label}

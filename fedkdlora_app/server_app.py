@@ -51,6 +51,7 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(
     grid: Grid, config: RunConfig, recorder: RunRecorder, checkpoint: Checkpoint | None = None
 ) -> None:
+    """Build (or restore) the global student and teacher, run the rounds, save the models."""
     seed_everything(config.seed)
     # Read train here too: a malformed file must stop the run before any client trains.
     public, client_pool = split_public(load_split(config, "train"), config.teacher_data_pct)

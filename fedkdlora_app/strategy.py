@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -30,6 +31,7 @@ def payload_bytes(record: ArrayRecord) -> int:
 
 
 def payload_params(record: ArrayRecord) -> int:
+    """Parameters (array elements) a message carries."""
     return sum(int(np.prod(array.shape)) for array in record.values())
 
 
@@ -43,7 +45,7 @@ class TrackedFedAvg(FedAvg):
         once_per_node: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
         max_examples_per_update: int | None = None,
         round_offset: int = 0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_evaluate_metrics)

@@ -116,9 +116,15 @@ def mutual_distill(
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            s = student(**inputs, output_attentions=True)
-            t = teacher(**inputs, output_attentions=True)
-            step = mutual_kd_loss(s.logits, t.logits, batch["labels"], s.attentions, t.attentions)
+            student_out = student(**inputs, output_attentions=True)
+            teacher_out = teacher(**inputs, output_attentions=True)
+            step = mutual_kd_loss(
+                student_out.logits,
+                teacher_out.logits,
+                batch["labels"],
+                student_out.attentions,
+                teacher_out.attentions,
+            )
             check_finite(step.loss, what)
             optimizer.zero_grad(set_to_none=True)
             step.loss.backward()
