@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedkdlora_app.checkpoint import Checkpoint, capture_rng, restore_rng
 from fedkdlora_app.config import RunConfig, run_dir_of
-from fedkdlora_app.data import eval_split, load_split, loader_for, split_public
+from fedkdlora_app.data import eval_split, load_split, loader_for, public_split, split_public
 from fedkdlora_app.distillation import ServerDistillation
 from fedkdlora_app.models import (
     base_model_dir,
@@ -22,7 +22,7 @@ from fedkdlora_app.models import (
 )
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
-from fedkdlora_app.strategy import TrackedFedAvg, payload_bytes
+from fedkdlora_app.strategy import TrackedFedAvg, payload_bytes, payload_params
 from fedkdlora_app.teacher import save_teacher
 from fedkdlora_app.training import evaluate, pick_device
 
@@ -54,7 +54,7 @@ def run_federation(
     """Build (or restore) the global student and teacher, run the rounds, save the models."""
     seed_everything(config.seed)
     # Read train here too: a malformed file must stop the run before any client trains.
-    public, client_pool = split_public(load_split(config, "train"), config.teacher_data_pct)
+    _, client_pool = split_public(load_split(config, "train"), config.teacher_data_pct)
     device = pick_device()
     # Distillation compares attention maps, which only the eager kernels return.
     student = build_student(config, attn_implementation="eager" if config.uses_teacher else None)
@@ -63,10 +63,10 @@ def run_federation(
     recorder.set_model_info(
         student_parameters=sum(p.numel() for p in student.parameters()),
         student_layers=student.config.num_hidden_layers,
-        shipped_parameters=sum(t.numel() for t in initial_arrays.to_torch_state_dict().values()),
+        shipped_parameters=payload_params(initial_arrays),
         shipped_bytes_per_message=payload_bytes(initial_arrays),
         eval_examples=len(eval_loader.dataset),
-        public_examples=min(len(public), config.max_public_examples or len(public)),
+        public_examples=len(public_split(config)),  # as used, after max-public-examples
         client_pool_examples=len(client_pool),
     )
     distillation = None
