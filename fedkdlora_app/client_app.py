@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from fedkdlora_app.aggregation import fit_rank
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.data import cached_client_examples, make_loader
 from fedkdlora_app.distillation import TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY
@@ -30,8 +35,22 @@ from fedkdlora_app.training import (
     pick_device,
     train_epochs,
 )
+from fedkdlora_app.wire import from_wire, to_wire
 
-app = ClientApp()
+
+def dp_clipping_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `fixedclipping_mod` where the server's DP wrapper asked for client-side clipping.
+
+    The mod itself refuses messages without a clipping norm, so it is applied only to
+    train messages that carry one (`dp-clipping = "client"`).
+    """
+    configs = message.content.config_records.values()
+    if message.metadata.message_type == MessageType.TRAIN and any(KEY_CLIPPING_NORM in c for c in configs):
+        return fixedclipping_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+app = ClientApp(mods=[dp_clipping_mod])
 
 
 @lru_cache(maxsize=1)
@@ -51,6 +70,16 @@ def partition_of(context: Context) -> tuple[int, int]:
         ) from error
 
 
+def node_config_of(config: RunConfig, context: Context) -> tuple[RunConfig, int, int]:
+    """(the run config with this client's LoRA rank, partition-id, num-partitions)."""
+    partition_id, num_partitions = partition_of(context)
+    if "data-dir" in context.node_config:  # this host's data (start-supernode.sh --data-dir) wins
+        config = dataclasses.replace(config, data_dir=str(context.node_config["data-dir"]))
+    if config.uses_lora:
+        config = dataclasses.replace(config, lora_r=config.client_rank(partition_id, context.node_config))
+    return config, partition_id, num_partitions
+
+
 def local_train(
     config: RunConfig,
     partition_id: int,
@@ -59,9 +88,12 @@ def local_train(
     global_state: dict[str, torch.Tensor],
     teacher: torch.nn.Module | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """One client's round of work, without Flower: the ClientApp and `bench/` both call it."""
+    """One client's round of work, without Flower: the ClientApp and `bench/` both call it.
+
+    `config.lora_r` is this client's rank; the global state is fitted to it first.
+    """
     model = cached_student(config)
-    load_shipped_state(model, global_state, config)
+    load_shipped_state(model, fit_rank(global_state, config.lora_r, config.lora_alpha), config)
     examples = cached_client_examples(config, partition_id, num_partitions, "train")
     # Seed after the (cached or first-time) model build, so dropout draws the same either way.
     seed = client_seed(config.seed, server_round, partition_id)
@@ -80,9 +112,9 @@ def local_train(
 def local_evaluate(
     config: RunConfig, partition_id: int, num_partitions: int, global_state: dict[str, torch.Tensor]
 ) -> EvalCounts:
-    """The global model on this client's shard of the evaluation set."""
+    """The global model (fitted to this client's rank) on this client's shard of the evaluation set."""
     model = cached_student(config)
-    load_shipped_state(model, global_state, config)
+    load_shipped_state(model, fit_rank(global_state, config.lora_r, config.lora_alpha), config)
     examples = cached_client_examples(config, partition_id, num_partitions, "eval")
     loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size)
     return evaluate(model, loader, pick_device())
@@ -126,27 +158,31 @@ def frozen_teacher(message: Message, context: Context, config: RunConfig) -> tor
     return _teacher_from_state(context.state)
 
 
-def _global_state(message: Message) -> dict[str, torch.Tensor]:
-    return message.content.array_records["arrays"].to_torch_state_dict()
+def _global_state(message: Message, config: RunConfig) -> dict[str, torch.Tensor]:
+    return from_wire(message.content.array_records["arrays"], config.wire_dtype)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    config = RunConfig.from_mapping(context.run_config, on_server=False)
-    partition_id, num_partitions = partition_of(context)
+    config, partition_id, num_partitions = node_config_of(
+        RunConfig.from_mapping(context.run_config, on_server=False), context
+    )
     server_round = int(message.content.config_records["config"]["server-round"])
     teacher = frozen_teacher(message, context, config) if config.client_kd else None
     state, result = local_train(
-        config, partition_id, num_partitions, server_round, _global_state(message), teacher
+        config, partition_id, num_partitions, server_round, _global_state(message, config), teacher
     )
     metrics = MetricRecord(
         {"num-examples": result.num_examples, "train-loss": result.mean_loss, "train-seconds": result.seconds}
     )
-    return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=message)
+    content = RecordDict({"arrays": to_wire(state, config.wire_dtype), "metrics": metrics})
+    return Message(content=content, reply_to=message)
 
 
 @app.evaluate()
 def evaluate_global_model(message: Message, context: Context) -> Message:
-    config = RunConfig.from_mapping(context.run_config, on_server=False)
-    counts = local_evaluate(config, *partition_of(context), _global_state(message))
+    config, partition_id, num_partitions = node_config_of(
+        RunConfig.from_mapping(context.run_config, on_server=False), context
+    )
+    counts = local_evaluate(config, partition_id, num_partitions, _global_state(message, config))
     return Message(content=RecordDict({"metrics": MetricRecord(counts.metrics())}), reply_to=message)

@@ -1,7 +1,8 @@
 """`fedkdlora-compare`: the schemes on the same data, seed, clients and rounds, then a report.
 
-Each run is a real Flower simulation through `fedkdlora-run`; sweeps over LoRA ranks and
-public-data shares are options of this one command. `--quick` caps the data so that all
+Each run is a real Flower simulation through `fedkdlora-run`; sweeps over LoRA ranks,
+public-data shares and LoRA variants (aggregation, FFA-LoRA, wire dtype) are options of
+this one command. `--quick` caps the data so that all
 three schemes finish in minutes on a laptop CPU; without it the settings are those of the
 original study (full data, 4 clients, 10 rounds, r = 8/16/32) and are meant for a GPU.
 """
@@ -27,6 +28,15 @@ QUICK_CAPS = {
 QUICK_ROUNDS, FULL_ROUNDS = 5, 10
 QUICK_RANKS, FULL_RANKS = [8], [8, 16, 32]
 LOCAL_GLUE = Path("../shared/data/glue")
+# Variants of the LoRA schemes (run-config overrides); `svd-hetero` gives half the clients rank r/2.
+LORA_VARIANTS = {
+    "naive": {},
+    "svd": {"lora-aggregation": "svd"},
+    "svd-hetero": {"lora-aggregation": "svd"},
+    "freeze-a": {"lora-freeze-a": True},
+    "fp16": {"wire-dtype": "float16"},
+    "bf16": {"wire-dtype": "bfloat16"},
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument(
         "--lora-r", nargs="+", type=int, help="LoRA ranks to sweep (default 8 quick, 8 16 32 full)"
+    )
+    parser.add_argument(
+        "--lora-variants",
+        nargs="+",
+        choices=list(LORA_VARIANTS),
+        default=["naive"],
+        help="LoRA variants to compare for the LoRA schemes (default naive)",
     )
     parser.add_argument(
         "--teacher-data-pct",
@@ -61,13 +78,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run-config overrides of every run: schemes x ranks x public shares (FedAvg has no rank)."""
+    """Run-config overrides of every run: schemes x ranks x public shares x LoRA variants.
+
+    FedAvg has no rank and no LoRA variant: it runs once per public share.
+    """
     ranks = args.lora_r or (QUICK_RANKS if args.quick else FULL_RANKS)
     runs = []
     for pct in args.teacher_data_pct:
         for scheme in args.schemes:
-            for rank in ranks if scheme != "fedavg" else ranks[:1]:
-                runs.append({"scheme": scheme, "lora-r": rank, "teacher-data-pct": pct})
+            lora = scheme != "fedavg"
+            for rank in ranks if lora else ranks[:1]:
+                for variant in args.lora_variants if lora else ["naive"]:
+                    run = {"scheme": scheme, "lora-r": rank, "teacher-data-pct": pct}
+                    run |= LORA_VARIANTS[variant] if lora else {}
+                    if variant == "svd-hetero":
+                        run["lora-r-by-partition"] = f"{max(1, rank // 2)},{rank}"
+                    runs.append(run)
     return runs
 
 

@@ -16,6 +16,9 @@ from typing import Any
 SCHEMES = ("fedavg", "fedlora", "fedkdlora")
 TASKS = ("cola", "sst2")
 PARTITIONINGS = ("seed", "iid", "dirichlet")
+LORA_AGGREGATIONS = ("naive", "svd")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+DP_CLIPPINGS = ("server", "client")
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -51,6 +54,10 @@ class RunConfig:
     lora_alpha: int
     lora_dropout: float
     lora_target_modules: str
+    lora_aggregation: str
+    lora_freeze_a: bool
+    lora_r_by_partition: str
+    wire_dtype: str
     local_epochs: int
     client_lr: float
     lora_client_lr: float
@@ -77,6 +84,9 @@ class RunConfig:
     client_kd: bool
     kd_alpha: float
     kd_temperature: float
+    dp_noise_multiplier: float
+    dp_clipping_norm: float
+    dp_clipping: str
     resume_from: str
 
     @classmethod
@@ -120,6 +130,42 @@ class RunConfig:
         return self.lora_client_lr if self.uses_lora else self.client_lr
 
     @property
+    def uses_dp(self) -> bool:
+        """Central DP is on when there is noise to add."""
+        return self.dp_noise_multiplier > 0
+
+    @property
+    def ranks_by_partition(self) -> tuple[int, ...]:
+        """`lora-r-by-partition` parsed; empty when every client uses `lora-r`."""
+        try:
+            return tuple(int(part) for part in self.lora_r_by_partition.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(
+                f"run-config key 'lora-r-by-partition' = '{self.lora_r_by_partition}': "
+                "give comma-separated integers, e.g. '4,8'"
+            ) from None
+
+    def client_rank(self, partition_id: int, node_config: Mapping[str, Any]) -> int:
+        """A client's LoRA rank: node config `lora-r`, else `lora-r-by-partition`, else `lora-r`.
+
+        Under naive averaging a rank other than the global one is refused here, on the
+        client, rather than averaged wrongly.
+        """
+        ranks = self.ranks_by_partition
+        rank = ranks[partition_id % len(ranks)] if ranks else self.lora_r
+        where = f"run-config key 'lora-r-by-partition' = '{self.lora_r_by_partition}'"
+        if "lora-r" in node_config:
+            rank, where = int(node_config["lora-r"]), f"node config 'lora-r' = {node_config['lora-r']}"
+        if rank != self.lora_r and self.lora_aggregation != "svd":
+            raise ConfigError(
+                f"{where}: rank {rank} differs from run-config 'lora-r' = {self.lora_r}; heterogeneous "
+                "ranks need lora-aggregation = 'svd' (averaging A and B of different ranks is undefined)"
+            )
+        if not 1 <= rank <= self.lora_r:
+            raise ConfigError(f"{where}: rank {rank} must be in 1..lora-r ({self.lora_r}), the global rank")
+        return rank
+
+    @property
     def num_labels(self) -> int:
         """CoLA and SST-2 are both binary."""
         return 2
@@ -129,6 +175,9 @@ class RunConfig:
         _check_choice("scheme", self.scheme, SCHEMES)
         _check_choice("task", self.task, TASKS)
         _check_choice("partitioning", self.partitioning, PARTITIONINGS)
+        _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
+        _check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _check_choice("dp-clipping", self.dp_clipping, DP_CLIPPINGS)
         for key, value, low in (
             ("num-server-rounds", self.num_server_rounds, 1),
             ("lora-r", self.lora_r, 1),
@@ -153,6 +202,7 @@ class RunConfig:
             ("teacher-lr", self.teacher_lr),
             ("distill-lr", self.distill_lr),
             ("kd-temperature", self.kd_temperature),
+            ("dp-clipping-norm", self.dp_clipping_norm),
         ):
             if value <= 0:
                 raise ConfigError(f"run-config key '{key}' = {value}: must be > 0")
@@ -168,6 +218,7 @@ class RunConfig:
         ):
             if not 0 < value <= 1:
                 raise ConfigError(f"run-config key '{key}' = {value}: must be in (0, 1]")
+        self._validate_lora_options()
         if self.kd_alpha < 0:
             raise ConfigError(f"run-config key 'kd-alpha' = {self.kd_alpha}: must be >= 0")
         if self.uses_teacher and self.teacher_data_pct == 0:
@@ -190,6 +241,51 @@ class RunConfig:
                 path = Path(self.data_dir) / self.task / f"{split}.tsv"
                 if not path.is_file():
                     raise ConfigError(f"run-config key 'data-dir' = '{self.data_dir}': no file {path}")
+
+    def _validate_lora_options(self) -> None:
+        """LoRA aggregation, FFA-LoRA, heterogeneous ranks and DP: the combinations that make sense."""
+        if self.dp_noise_multiplier < 0:
+            raise ConfigError(
+                f"run-config key 'dp-noise-multiplier' = {self.dp_noise_multiplier}: must be >= 0"
+            )
+        for key, value, default in (
+            ("lora-aggregation", self.lora_aggregation, "naive"),
+            ("lora-freeze-a", self.lora_freeze_a, False),
+            ("lora-r-by-partition", self.lora_r_by_partition, ""),
+        ):
+            if value != default and not self.uses_lora:
+                raise ConfigError(f"run-config key '{key}' = {value!r}: needs a LoRA scheme, not 'fedavg'")
+        ranks = self.ranks_by_partition
+        if ranks and self.lora_aggregation != "svd" and set(ranks) != {self.lora_r}:
+            raise ConfigError(
+                f"run-config key 'lora-r-by-partition' = '{self.lora_r_by_partition}': heterogeneous ranks "
+                "need lora-aggregation = 'svd' (averaging A and B of different ranks is undefined)"
+            )
+        if any(not 1 <= rank <= self.lora_r for rank in ranks):
+            raise ConfigError(
+                f"run-config key 'lora-r-by-partition' = '{self.lora_r_by_partition}': every rank must be "
+                f"in 1..lora-r ({self.lora_r}), the global rank the server keeps"
+            )
+        if self.lora_freeze_a and self.lora_aggregation == "svd":
+            raise ConfigError(
+                "run-config key 'lora-freeze-a' = true: incompatible with lora-aggregation = 'svd', which "
+                "re-factorises A; with A frozen, naive averaging is already exact"
+            )
+        if self.uses_dp and self.lora_aggregation == "svd":
+            raise ConfigError(
+                "run-config key 'dp-noise-multiplier' > 0: Flower's DP wrappers clip and noise the shipped "
+                "factors, which needs lora-aggregation = 'naive'"
+            )
+        if self.uses_dp and self.wire_dtype == "bfloat16":
+            raise ConfigError(
+                "run-config key 'wire-dtype' = 'bfloat16': Flower's DP clipping works on numpy arrays, "
+                "which have no bfloat16; use float16 or float32 with DP"
+            )
+        if self.uses_dp and self.dp_clipping == "client" and self.client_kd:
+            raise ConfigError(
+                "run-config key 'dp-clipping' = 'client': Flower's fixedclipping_mod accepts one ArrayRecord "
+                "per message, and client-kd ships the teacher beside the model; use dp-clipping = 'server'"
+            )
 
     def validate_server_paths(self) -> None:
         """Files only the ServerApp reads: the teacher and the run to resume."""

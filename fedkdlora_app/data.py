@@ -10,6 +10,7 @@ cover exactly the examples the server scores.
 from __future__ import annotations
 
 import csv
+import json
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -32,8 +33,44 @@ _TSV_LAYOUT = {
 }
 
 
+# A node-local data folder holding only one client's examples carries this file in <task>/.
+PARTITION_FILE = "fedkdlora_partition.json"
+# The run-config keys that decide which examples a client gets.
+PARTITION_KEYS = (
+    "task", "teacher-data-pct", "partitioning", "dirichlet-alpha", "seed",
+    "max-train-examples-per-client", "max-eval-examples",
+)  # fmt: skip
+
+
 class DataError(ValueError):
     """A data file or partition the app cannot use; the message names it."""
+
+
+def partition_record(config: RunConfig, partition_id: int, num_partitions: int) -> dict:
+    """What identifies one client's examples: its partition and the keys that cut it."""
+    values = config.to_dict()
+    return {"partition-id": partition_id, "num-partitions": num_partitions} | {
+        key: values[key] for key in PARTITION_KEYS
+    }
+
+
+def own_partition(
+    config: RunConfig, partition_id: int, num_partitions: int, split: str
+) -> datasets.Dataset | None:
+    """The client's examples from a node-local folder that holds only them, if `data-dir` is one.
+
+    Such a folder (written by `python -m fedkdlora_app.deployment export-partition`) must
+    hold exactly the partition this run gives this node; anything else is an error.
+    """
+    marker = Path(config.data_dir) / config.task / PARTITION_FILE if config.data_dir else None
+    if marker is None or not marker.is_file():
+        return None
+    recorded = json.loads(marker.read_text())
+    expected = partition_record(config, partition_id, num_partitions)
+    if recorded != expected:
+        differ = {k: [recorded.get(k), v] for k, v in expected.items() if recorded.get(k) != v}
+        raise DataError(f"{marker}: exported for another partition or run-config: {differ} [exported, run]")
+    return read_glue_tsv(marker.parent / f"{split}.tsv", config.task)
 
 
 def read_glue_tsv(path: Path, task: str) -> datasets.Dataset:
@@ -121,6 +158,8 @@ def client_train_partition(config: RunConfig, partition_id: int, num_partitions:
     """Client `partition_id`'s training examples (capped by max-train-examples-per-client)."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
+    if (own := own_partition(config, partition_id, num_partitions, "train")) is not None:
+        return own
     _, pool = split_public(load_split(config, "train"), config.teacher_data_pct)
     if len(pool) < num_partitions:
         raise DataError(f"{len(pool)} client training examples cannot fill {num_partitions} partitions")
@@ -142,6 +181,8 @@ def eval_split(config: RunConfig) -> datasets.Dataset:
 
 def client_eval_shard(config: RunConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
     """Client `partition_id`'s contiguous shard of the evaluation set."""
+    if (own := own_partition(config, partition_id, num_partitions, "dev")) is not None:
+        return own
     examples = eval_split(config)
     if len(examples) < num_partitions:
         raise DataError(

@@ -17,6 +17,7 @@ from fedkdlora_app.models import load_classifier, load_shipped_state, shipped_st
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.teacher import build_teacher, save_teacher
 from fedkdlora_app.training import mutual_distill, train_epochs
+from fedkdlora_app.wire import from_wire, to_wire
 
 # Keys of the one-time records that carry the frozen teacher to clients (client-kd).
 TEACHER_ARRAYS_KEY = "teacher"
@@ -76,7 +77,7 @@ class ServerDistillation:
         """Teacher alone, then teacher + student mutually, on the public slice."""
         config = self.config
         started = time.perf_counter()
-        load_shipped_state(self.student, arrays.to_torch_state_dict(), config)
+        load_shipped_state(self.student, from_wire(arrays, config.wire_dtype), config)
         teacher_result = train_epochs(
             self.teacher,
             self.public_loader,
@@ -101,7 +102,7 @@ class ServerDistillation:
             {"teacher-train-loss": teacher_result.mean_loss, "last-step": terms, "seconds": seconds},
         )
         log(INFO, "round %d: server distillation %.1f s, last step %s", server_round, seconds, _fmt(terms))
-        return ArrayRecord(shipped_state(self.student, config))
+        return to_wire(shipped_state(self.student, config), config.wire_dtype)
 
 
 def _fmt(terms: dict[str, float]) -> str:

@@ -12,6 +12,7 @@ non-zero if the run did not complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -123,12 +124,15 @@ def stop_local_superlink(flwr_home: Path) -> int:
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
         if any("flower-superlink" in part for part in cmdline) and any(marker in part for part in cmdline):
-            targets += [proc, *proc.children(recursive=True)]
+            with contextlib.suppress(psutil.NoSuchProcess):
+                targets += [proc, *proc.children(recursive=True)]
     for proc in targets:
-        proc.terminate()
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may end on its own meanwhile
+            proc.terminate()
     _, alive = psutil.wait_procs(targets, timeout=10)
     for proc in alive:
-        proc.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
     return len(targets)
 
 

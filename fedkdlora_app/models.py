@@ -21,6 +21,7 @@ from peft import (
 )
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from fedkdlora_app.aggregation import LORA_A
 from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import RunConfig
 
@@ -126,25 +127,37 @@ def lora_config(config: RunConfig) -> LoraConfig:
 
 
 def build_student(config: RunConfig, attn_implementation: str | None = None) -> torch.nn.Module:
-    """The student every party starts from; seed torch first for an identical head."""
+    """The student every party starts from, identical everywhere (seeded head and LoRA A).
+
+    With `lora-freeze-a` the A factors never travel, so every party must draw the same.
+    """
+    torch.manual_seed(config.seed)
     model = load_classifier(
         config.student_model, config.num_labels, config.student_layers, attn_implementation
     )
     if config.uses_lora:
         model = get_peft_model(model, lora_config(config))
+        if config.lora_freeze_a:
+            for name, parameter in model.named_parameters():
+                if LORA_A in name:
+                    parameter.requires_grad_(False)
     return model
 
 
 def shipped_state(model: torch.nn.Module, config: RunConfig) -> dict[str, torch.Tensor]:
-    """What travels each round: all weights (FedAvg) or adapter + head (LoRA schemes)."""
+    """What travels each round: all weights (FedAvg) or adapter + head (LoRA schemes; no A if frozen)."""
     state = get_peft_model_state_dict(model) if config.uses_lora else model.state_dict()
-    return {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
+    return {
+        key: tensor.detach().cpu().contiguous()
+        for key, tensor in state.items()
+        if not (config.lora_freeze_a and LORA_A in key)
+    }
 
 
 def load_shipped_state(model: torch.nn.Module, state: dict[str, torch.Tensor], config: RunConfig) -> None:
     """Inverse of `shipped_state`; any missing or unexpected key is an error."""
     if config.uses_lora:
-        expected = set(get_peft_model_state_dict(model))
+        expected = set(shipped_state(model, config))
         if set(state) != expected:
             raise ModelError(
                 f"shipped LoRA state does not match the model: missing {sorted(expected - set(state))[:3]}, "

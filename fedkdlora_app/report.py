@@ -15,7 +15,19 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 
 from fedkdlora_app.config import SCHEMES
-from fedkdlora_app.results import MB
+from fedkdlora_app.results import ADDED_KEY_DEFAULTS, MB
+
+# Run-config keys a comparison may vary, and how a run's label shows them.
+SWEEP_LABELS = {
+    "lora-r": "r",
+    "teacher-data-pct": "public",
+    "lora-aggregation": "agg",
+    "lora-r-by-partition": "ranks",
+    "lora-freeze-a": "freeze-A",
+    "wire-dtype": "wire",
+    "dp-noise-multiplier": "dp-noise",
+    "lora-client-lr": "lr",
+}
 
 
 @dataclass(frozen=True)
@@ -45,11 +57,17 @@ class RunResult:
     def label(self, varying: set[str]) -> str:
         """The scheme, plus whichever sweep keys differ across the compared runs."""
         parts = [self.config["scheme"]]
-        if "lora-r" in varying and self.config["scheme"] != "fedavg":
-            parts.append(f"r={self.config['lora-r']}")
-        if "teacher-data-pct" in varying:
-            parts.append(f"public={self.config['teacher-data-pct']:g}%")
-        return " ".join(parts)
+        for key, short in SWEEP_LABELS.items():
+            value = self.config.get(key, ADDED_KEY_DEFAULTS.get(key))
+            if key not in varying or (self.config["scheme"] == "fedavg" and key.startswith("lora-")):
+                continue
+            if key == "teacher-data-pct":
+                parts.append(f"public={value:g}%")
+            elif isinstance(value, bool):
+                parts.append(short if value else "")
+            elif value not in ("", "naive", "float32", 0):
+                parts.append(f"{short}={value}")
+        return " ".join(part for part in parts if part)
 
     @property
     def finished_rounds(self) -> list[dict[str, Any]]:
@@ -70,6 +88,7 @@ class RunResult:
     def summary(self) -> dict[str, Any]:
         _, acc = self.series("student", "accuracy")
         _, mcc = self.series("student", "mcc")
+        _, loss = self.series("student", "loss")
         last = self.finished_rounds[-1]["communication"]
         # a run killed before it closed has no total: its finished rounds' seconds instead
         seconds = self.data["run"]["wall_seconds_total"] or sum(
@@ -78,6 +97,7 @@ class RunResult:
         row = {
             "final acc": acc[-1],
             "best acc": max(acc),
+            "final loss": loss[-1],
             "MB up": last["cumulative_up_bytes"] / MB,
             "MB down": last["cumulative_down_bytes"] / MB,
             "seconds": seconds,
@@ -88,7 +108,9 @@ class RunResult:
 
 
 def varying_keys(runs: list[RunResult]) -> set[str]:
-    return {k for k in ("lora-r", "teacher-data-pct") if len({str(r.config[k]) for r in runs}) > 1}
+    return {
+        k for k in SWEEP_LABELS if len({str(r.config.get(k, ADDED_KEY_DEFAULTS.get(k))) for r in runs}) > 1
+    }
 
 
 def markdown_table(runs: list[RunResult]) -> str:
@@ -97,7 +119,16 @@ def markdown_table(runs: list[RunResult]) -> str:
     rows = [(run.label(varying), len(run.finished_rounds) - 1, run.summary()) for run in runs]
     columns = list(rows[0][2]) if rows else []
     if any("final MCC" in row for _, _, row in rows):
-        columns = ["final acc", "best acc", "final MCC", "best MCC", "MB up", "MB down", "seconds"]
+        columns = [
+            "final acc",
+            "best acc",
+            "final MCC",
+            "best MCC",
+            "final loss",
+            "MB up",
+            "MB down",
+            "seconds",
+        ]
     lines = [
         "| run | rounds | " + " | ".join(columns) + " |",
         "|---|---:|" + "---:|" * len(columns),
@@ -187,6 +218,7 @@ def _order(run: RunResult) -> tuple:
         SCHEMES.index(scheme) if scheme in SCHEMES else len(SCHEMES),
         run.config["teacher-data-pct"],
         run.config["lora-r"],
+        run.data["run"]["started_at"],
     )
 
 

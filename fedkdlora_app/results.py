@@ -25,6 +25,16 @@ _PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "datasets
 MB = 1e6
 # Keys a resumed run may change: where to resume from, and how many rounds in all.
 RESUMABLE_CHANGES = ("resume-from", "num-server-rounds")
+# Run-config keys added after the first results were written, with the behaviour runs had before.
+ADDED_KEY_DEFAULTS = {
+    "lora-aggregation": "naive",
+    "lora-freeze-a": False,
+    "lora-r-by-partition": "",
+    "wire-dtype": "float32",
+    "dp-noise-multiplier": 0.0,
+    "dp-clipping-norm": 1.0,
+    "dp-clipping": "server",
+}
 
 
 def package_versions() -> dict[str, str]:
@@ -95,9 +105,10 @@ class RunRecorder:
         self.data = json.loads(path.read_text())
         old, new = self.data["config"], config.to_dict()
         for key in sorted(set(old) | set(new)):
-            if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            before = old.get(key, ADDED_KEY_DEFAULTS.get(key))
+            if key not in RESUMABLE_CHANGES and before != new.get(key):
                 raise ConfigError(
-                    f"run-config key '{key}' = {new.get(key)!r}: the run being resumed used {old.get(key)!r}"
+                    f"run-config key '{key}' = {new.get(key)!r}: the run being resumed used {before!r}"
                 )
         if config.num_server_rounds < completed_round:
             raise ConfigError(
@@ -173,6 +184,10 @@ class RunRecorder:
 
     def set_distillation(self, server_round: int, distillation: dict[str, Any]) -> None:
         self.round(server_round)["distillation"] = distillation
+
+    def set_aggregation(self, server_round: int, report: dict[str, Any]) -> None:
+        """How the round's updates were combined (svd: rank and truncation error)."""
+        self.round(server_round)["aggregation"] = report
 
     def set_client_metrics(self, server_round: int, stage: str, metrics: dict[str, Any]) -> None:
         self.round(server_round)["clients"][stage] = metrics

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.checkpoint import Checkpoint, capture_rng, restore_rng
 from fedkdlora_app.config import RunConfig, run_dir_of
 from fedkdlora_app.data import eval_split, load_split, loader_for, public_split, split_public
@@ -22,9 +23,16 @@ from fedkdlora_app.models import (
 )
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
-from fedkdlora_app.strategy import TrackedFedAvg, payload_bytes, payload_params
+from fedkdlora_app.strategy import (
+    TrackedFedAvg,
+    dp_sampled_clients,
+    payload_bytes,
+    payload_params,
+    private_strategy,
+)
 from fedkdlora_app.teacher import save_teacher
 from fedkdlora_app.training import evaluate, pick_device
+from fedkdlora_app.wire import from_wire, to_wire
 
 app = ServerApp()
 
@@ -59,7 +67,8 @@ def run_federation(
     # Distillation compares attention maps, which only the eager kernels return.
     student = build_student(config, attn_implementation="eager" if config.uses_teacher else None)
     eval_loader = loader_for(eval_split(config), config)
-    initial_arrays = ArrayRecord(checkpoint.global_state if checkpoint else shipped_state(student, config))
+    initial_state = checkpoint.global_state if checkpoint else shipped_state(student, config)
+    initial_arrays = to_wire(initial_state, config.wire_dtype)
     recorder.set_model_info(
         student_parameters=sum(p.numel() for p in student.parameters()),
         student_layers=student.config.num_hidden_layers,
@@ -69,6 +78,17 @@ def run_federation(
         public_examples=len(public_split(config)),  # as used, after max-public-examples
         client_pool_examples=len(client_pool),
     )
+    if config.uses_dp:
+        sampled = dp_sampled_clients(config)
+        recorder.set_model_info(
+            privacy={
+                "mechanism": f"Flower DifferentialPrivacy{config.dp_clipping.title()}SideFixedClipping",
+                "noise_multiplier": config.dp_noise_multiplier,
+                "clipping_norm": config.dp_clipping_norm,
+                "sampled_clients": sampled,
+                "noise_std": config.dp_noise_multiplier * config.dp_clipping_norm / sampled,
+            }
+        )
     distillation = None
     if config.uses_teacher:
         teacher_state = checkpoint.teacher_state if checkpoint else None
@@ -83,7 +103,8 @@ def run_federation(
         if server_round == 0 and offset:
             return None  # a resumed run's starting point was evaluated before the interruption
         server_round += offset
-        load_shipped_state(student, arrays.to_torch_state_dict(), config)
+        global_state = from_wire(arrays, config.wire_dtype)
+        load_shipped_state(student, global_state, config)
         metrics = {"student": evaluate(student, eval_loader, device).metrics()}
         if distillation is not None:
             metrics["teacher"] = evaluate(distillation.teacher, eval_loader, device).metrics()
@@ -91,14 +112,15 @@ def run_federation(
         teacher_state = (
             {k: v.cpu() for k, v in distillation.teacher.state_dict().items()} if distillation else None
         )
-        Checkpoint(server_round, arrays.to_torch_state_dict(), teacher_state, capture_rng(generators)).save(
-            recorder.run_dir
-        )
+        Checkpoint(server_round, global_state, teacher_state, capture_rng(generators)).save(recorder.run_dir)
         return MetricRecord(metrics["student"])
 
+    after_aggregate = distillation.after_aggregate if distillation else None
     strategy = TrackedFedAvg(
         recorder,
-        after_aggregate=distillation.after_aggregate if distillation else None,
+        # Under DP the distillation runs on the noised aggregate, outside (private_strategy).
+        after_aggregate=None if config.uses_dp else after_aggregate,
+        aggregator=UpdateAggregator.from_config(config),
         once_per_node=distillation.client_teacher if distillation else None,
         # No partition holds more than the cap, or the whole client pool: larger claims are dropped.
         max_examples_per_update=config.max_train_examples_per_client or len(client_pool),
@@ -109,6 +131,8 @@ def run_federation(
         min_evaluate_nodes=1,
         min_available_nodes=config.min_available_nodes,
     )
+    if config.uses_dp:
+        strategy = private_strategy(strategy, config, after_aggregate)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
@@ -117,7 +141,7 @@ def run_federation(
     )
     # Result.arrays is an empty record when no round produced an aggregate.
     final_arrays = result.arrays if len(result.arrays) else initial_arrays
-    load_shipped_state(student, final_arrays.to_torch_state_dict(), config)
+    load_shipped_state(student, from_wire(final_arrays, config.wire_dtype), config)
     student_dir = save_student(student, config, recorder.run_dir / "student")
     artifacts = {"student": str(student_dir.resolve())}
     if config.uses_lora:

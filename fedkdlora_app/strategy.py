@@ -1,9 +1,11 @@
-"""FedAvg with the bookkeeping this project reports, and a hook after aggregation.
+"""FedAvg with the bookkeeping this project reports, a choice of LoRA aggregation, a hook after it.
 
-Flower's FedAvg already does the example-weighted mean and node sampling; this subclass
-only observes the messages (bytes each way, per node; failed replies) and lets a scheme
-transform the aggregated model before it becomes the next global model, which in
-Flower 1.42 happens only through `aggregate_train`'s return value.
+Flower's FedAvg does the node sampling and messaging; this subclass observes the
+messages (bytes each way, per node; failed replies), screens updates, aggregates them
+with the run's `UpdateAggregator` (naive or SVD, decoded from the wire dtype), and lets
+a scheme transform the aggregate before it becomes the next global model, which in
+Flower 1.42 happens only through `aggregate_train`'s return value. Central DP wraps it
+in Flower's own fixed-clipping wrappers (`private_strategy`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,22 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 
+from fedkdlora_app.aggregation import UpdateAggregator, lora_rank, shapes_compatible
+from fedkdlora_app.config import RunConfig
 from fedkdlora_app.metrics import aggregate_evaluate_metrics, aggregate_train_metrics
 from fedkdlora_app.results import RunRecorder
+from fedkdlora_app.wire import from_wire
 
 AfterAggregate = Callable[[int, ArrayRecord], ArrayRecord]
 
@@ -45,6 +56,7 @@ class TrackedFedAvg(FedAvg):
         once_per_node: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
         max_examples_per_update: int | None = None,
         round_offset: int = 0,
+        aggregator: UpdateAggregator | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
@@ -55,7 +67,11 @@ class TrackedFedAvg(FedAvg):
         self.once_per_node = dict(once_per_node or {})
         self._nodes_served_once: set[int] = set()
         self.max_examples_per_update = max_examples_per_update
+        self.aggregator = aggregator or UpdateAggregator()
+        self._node_ranks: dict[int, int] = {}  # LoRA rank of each node's last update (svd)
         self._sent_arrays: ArrayRecord | None = None
+        # The last stage's messages: the grid sets their ids when it pushes them.
+        self._in_flight: list[Message] = []
         # `Strategy.start` counts from 1; a resumed run's rounds continue after the offset.
         self.round_offset = round_offset
 
@@ -66,6 +82,7 @@ class TrackedFedAvg(FedAvg):
         self.recorder.start_round(server_round)
         self._sent_arrays = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._fit_to_node_ranks(messages)
         self._count_down(server_round, "train", messages)
         self._attach_once_per_node(server_round, messages)
         return messages
@@ -86,16 +103,24 @@ class TrackedFedAvg(FedAvg):
             problem = self.update_problem(reply.content)
             if problem is None:
                 accepted.append(reply)
+                rank = lora_rank(records[self.arrayrecord_key])
+                if rank is not None:
+                    self._node_ranks[node_id] = rank
             else:
                 log(WARNING, "round %d: update of node %d dropped: %s", server_round, node_id, problem)
                 self.recorder.add_failure(server_round, "train", node_id, f"rejected update: {problem}")
+        if not accepted:
+            return None, None
         # Float sums depend on their order; arrival order varies from run to run.
         accepted.sort(key=self._content_digest)
-        arrays, metrics = super().aggregate_train(server_round, accepted)
-        if arrays is not None and self.after_aggregate is not None:
+        contents = [reply.content for reply in accepted]
+        arrays, report = self.aggregator(contents, self.arrayrecord_key, self.weighted_by_key)
+        if report is not None:
+            self.recorder.set_aggregation(server_round, report)
+        if self.after_aggregate is not None:
             arrays = self.after_aggregate(server_round, arrays)
-        if metrics is not None:
-            self.recorder.set_client_metrics(server_round, "train", dict(metrics))
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        self.recorder.set_client_metrics(server_round, "train", dict(metrics))
         return arrays, metrics
 
     def configure_evaluate(
@@ -103,6 +128,7 @@ class TrackedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._fit_to_node_ranks(messages)
         self._count_down(server_round, "evaluate", messages)
         return messages
 
@@ -115,7 +141,24 @@ class TrackedFedAvg(FedAvg):
             self.recorder.set_client_metrics(server_round, "evaluate", dict(metrics))
         return metrics
 
+    def _fit_to_node_ranks(self, messages: list[Message]) -> None:
+        """Under svd, a node whose rank is known (from its last update) gets the global factors at it.
+
+        A node seen for the first time gets the global rank and fits it on arrival.
+        """
+        if not self.aggregator.rank_may_differ:
+            return
+        fitted: dict[int, ArrayRecord] = {}
+        for message in messages:
+            rank = self._node_ranks.get(message.metadata.dst_node_id, self.aggregator.rank)
+            if rank == self.aggregator.rank:
+                continue
+            if rank not in fitted:
+                fitted[rank] = self.aggregator.fit(message.content.array_records[self.arrayrecord_key], rank)
+            message.content = RecordDict({**message.content, self.arrayrecord_key: fitted[rank]})
+
     def _count_down(self, server_round: int, stage: str, messages: list[Message]) -> None:
+        self._in_flight = messages
         for message in messages:
             record = message.content.array_records[self.arrayrecord_key]
             self.recorder.add_bytes(
@@ -135,8 +178,9 @@ class TrackedFedAvg(FedAvg):
     def update_problem(self, content: RecordDict) -> str | None:
         """Why a client's train reply must not enter the average, or None if it may.
 
-        It must carry the arrays that were sent (same names, shapes, dtypes), all finite,
-        and a positive example count no larger than a partition can hold.
+        It must carry the arrays that were sent (same names, dtypes and shapes, but for
+        LoRA ranks under svd), all finite, and a positive example count no larger than a
+        partition can hold.
         """
         record = content.array_records.get(self.arrayrecord_key)
         if record is None or len(content.array_records) != 1:
@@ -145,13 +189,18 @@ class TrackedFedAvg(FedAvg):
         if sent is not None and set(record) != set(sent):
             missing, unexpected = sorted(set(sent) - set(record)), sorted(set(record) - set(sent))
             return f"array names differ from those sent (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        rank_may_differ = self.aggregator.rank_may_differ
         for name, array in record.items():
-            if sent is not None and (array.shape, array.dtype) != (sent[name].shape, sent[name].dtype):
+            if sent is not None and (
+                array.dtype != sent[name].dtype
+                or not shapes_compatible(name, array.shape, sent[name].shape, rank_may_differ)
+            ):
                 return (
                     f"array '{name}' is {array.dtype}{list(array.shape)}, "
                     f"sent as {sent[name].dtype}{list(sent[name].shape)}"
                 )
-            if not np.isfinite(array.numpy()).all():
+        for name, tensor in from_wire(record, self.aggregator.wire_dtype).items():
+            if not torch.isfinite(tensor).all():
                 return f"array '{name}' holds NaN or Inf"
         metrics = list(content.metric_records.values())
         count = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
@@ -182,11 +231,84 @@ class TrackedFedAvg(FedAvg):
                     self.recorder.add_bytes(server_round, node_id, "down", "teacher", payload_bytes(record))
 
     def _successful(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
-        """Replies without error; the others are recorded as failures of the round."""
+        """Replies without error; the others are recorded as failures of the round.
+
+        A node that went away cannot reply: the SuperLink answers for it (source node 1),
+        so the failure names the node the message was sent to.
+        """
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._in_flight}
         ok = []
         for reply in replies:
             if reply.has_error():
-                self.recorder.add_failure(server_round, stage, reply.metadata.src_node_id, reply.error.reason)
+                node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                self.recorder.add_failure(server_round, stage, node_id, reply.error.reason)
             else:
                 ok.append(reply)
         return ok
+
+
+class _TrackedPrivacy:
+    """What this project adds to Flower's DP wrappers, as a mixin before them in the MRO.
+
+    Flower's wrappers skip a round's aggregation when any reply failed, without calling
+    the inner strategy, so the failures are recorded here. The scheme's after-aggregation
+    step (FedKDLoRA's distillation) runs here, on the noised aggregate: distillation on
+    public data is then post-processing, which keeps the privacy guarantee; run inside
+    the inner strategy it would see the aggregate before the noise.
+    """
+
+    strategy: TrackedFedAvg
+
+    def __init__(
+        self,
+        strategy: TrackedFedAvg,
+        *args: Any,
+        after_aggregate: AfterAggregate | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(strategy, *args, **kwargs)
+        self.after_aggregate = after_aggregate
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        round_in_run = server_round + self.strategy.round_offset
+        if any(reply.has_error() for reply in replies):
+            self.strategy._successful(round_in_run, "train", replies)
+            log(WARNING, "round %d: DP aggregation skipped: a sampled client failed", round_in_run)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and self.after_aggregate is not None:
+            arrays = self.after_aggregate(round_in_run, arrays)
+        return arrays, metrics
+
+
+class TrackedServerSideClippingDP(_TrackedPrivacy, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's central DP, clipping each update on the server."""
+
+
+class TrackedClientSideClippingDP(_TrackedPrivacy, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's central DP, updates clipped by the clients' `fixedclipping_mod`."""
+
+
+def private_strategy(
+    strategy: TrackedFedAvg, config: RunConfig, after_aggregate: AfterAggregate | None
+) -> Strategy:
+    """`strategy` inside Flower's fixed-clipping DP wrapper the run config asks for.
+
+    The noise's standard deviation is multiplier x clipping norm / sampled clients; the
+    sampled clients are taken as `min-available-nodes` x `fraction-train`.
+    """
+    wrapper = TrackedServerSideClippingDP if config.dp_clipping == "server" else TrackedClientSideClippingDP
+    return wrapper(
+        strategy,
+        config.dp_noise_multiplier,
+        config.dp_clipping_norm,
+        dp_sampled_clients(config),
+        after_aggregate=after_aggregate,
+    )
+
+
+def dp_sampled_clients(config: RunConfig) -> int:
+    """The cohort size the DP noise is calibrated for (FedAvg samples this many of the nodes)."""
+    return max(1, int(config.min_available_nodes * config.fraction_train))

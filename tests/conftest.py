@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkdlora_app.config import RunConfig, app_defaults
 
@@ -40,3 +42,15 @@ def restore_task_identity():
     yield
     for key, value in saved.items():
         setattr(TaskIdentity, key, value)
+
+
+def train_reply(node_id: int, arrays: ArrayRecord | list[np.ndarray], num_examples: int) -> Message:
+    """A client's train reply, built as Flower's simulation builds one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
+    TaskIdentity.node_id = node_id
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": 0.5, "train-seconds": 1.0})
+    record = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
+    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)

@@ -13,7 +13,7 @@ from sklearn.metrics import matthews_corrcoef
 from fedkdlora_app.metrics import EvalCounts, aggregate_evaluate_metrics
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.strategy import TrackedFedAvg, payload_bytes
-from tests.conftest import make_config
+from tests.conftest import make_config, train_reply
 
 
 @pytest.fixture()
@@ -21,20 +21,11 @@ def recorder(tmp_path) -> RunRecorder:
     return RunRecorder(make_config(**{"results-dir": str(tmp_path)}))
 
 
-def _reply(node_id: int, arrays: list[np.ndarray], num_examples: int) -> Message:
-    """A client's train reply, built as Flower's simulation builds one."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
-    TaskIdentity.node_id = node_id
-    metrics = MetricRecord({"num-examples": num_examples, "train-loss": 0.5, "train-seconds": 1.0})
-    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=instruction)
-
-
 def test_weighted_average_matches_hand_computation(recorder: RunRecorder) -> None:
     a = [np.array([1.0, 2.0], dtype=np.float32), np.array([[3.0]], dtype=np.float32)]
     b = [np.array([5.0, 10.0], dtype=np.float32), np.array([[-1.0]], dtype=np.float32)]
     strategy = TrackedFedAvg(recorder)
-    arrays, metrics = strategy.aggregate_train(1, [_reply(11, a, 30), _reply(22, b, 10)])
+    arrays, metrics = strategy.aggregate_train(1, [train_reply(11, a, 30), train_reply(22, b, 10)])
     result = [array.numpy() for array in arrays.values()]
     # by hand: (30 * a + 10 * b) / 40
     np.testing.assert_allclose(result[0], [(30 * 1 + 10 * 5) / 40, (30 * 2 + 10 * 10) / 40])
@@ -54,7 +45,7 @@ def test_after_aggregate_hook_decides_the_next_global_model(recorder: RunRecorde
         return ArrayRecord([array.numpy() * 2 for array in arrays.values()])
 
     strategy = TrackedFedAvg(recorder, after_aggregate=double)
-    arrays, _ = strategy.aggregate_train(3, [_reply(1, [np.ones(2, dtype=np.float32)], 5)])
+    arrays, _ = strategy.aggregate_train(3, [train_reply(1, [np.ones(2, dtype=np.float32)], 5)])
     assert seen["round"] == 3
     np.testing.assert_array_equal(next(iter(arrays.values())).numpy(), [2.0, 2.0])
 
@@ -79,7 +70,7 @@ def test_client_mcc_comes_from_summed_confusion_counts() -> None:
 def test_failed_replies_are_recorded_not_aggregated(recorder: RunRecorder) -> None:
     from flwr.app import Error
 
-    good = _reply(1, [np.ones(2, dtype=np.float32)], 5)
+    good = train_reply(1, [np.ones(2, dtype=np.float32)], 5)
     TaskIdentity.node_id = 0
     instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=2, message_type="train")
     TaskIdentity.node_id = 2
@@ -133,7 +124,9 @@ def test_bad_updates_are_dropped_and_recorded(recorder, bad_arrays, num_examples
     strategy = TrackedFedAvg(recorder, max_examples_per_update=100)
     _sent(strategy, GLOBAL)
     good = [np.full(2, 3.0, dtype=np.float32), np.full((1, 1), 3.0, dtype=np.float32)]
-    arrays, metrics = strategy.aggregate_train(1, [_reply(1, good, 5), _reply(2, bad_arrays, num_examples)])
+    arrays, metrics = strategy.aggregate_train(
+        1, [train_reply(1, good, 5), train_reply(2, bad_arrays, num_examples)]
+    )
     result = [array.numpy() for array in arrays.values()]
     np.testing.assert_array_equal(result[0], [3.0, 3.0])  # the good update alone
     assert metrics["num-examples"] == 5
@@ -149,7 +142,7 @@ def test_a_round_with_only_bad_updates_keeps_the_global_model(recorder) -> None:
     strategy = TrackedFedAvg(recorder, max_examples_per_update=100)
     _sent(strategy, GLOBAL)
     nan = [np.full(2, np.nan, dtype=np.float32), np.zeros((1, 1), dtype=np.float32)]
-    arrays, metrics = strategy.aggregate_train(1, [_reply(1, nan, 5)])
+    arrays, metrics = strategy.aggregate_train(1, [train_reply(1, nan, 5)])
     assert arrays is None and metrics is None  # Strategy.start then keeps the previous arrays
 
 
@@ -161,7 +154,7 @@ def test_one_time_records_go_to_new_nodes_only(recorder: RunRecorder) -> None:
     messages = [Message(shared, dst_node_id=node, message_type="train") for node in (1, 2)]
     strategy._attach_once_per_node(1, messages)
     assert all("teacher" in m.content for m in messages) and "teacher" not in shared
-    strategy.aggregate_train(1, [_reply(1, GLOBAL, 5)])  # node 1 replied; node 2 did not
+    strategy.aggregate_train(1, [train_reply(1, GLOBAL, 5)])  # node 1 replied; node 2 did not
     again = [Message(shared, dst_node_id=node, message_type="train") for node in (1, 2)]
     strategy._attach_once_per_node(2, again)
     assert "teacher" not in again[0].content and "teacher" in again[1].content

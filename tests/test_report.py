@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from fedkdlora_app import compare, report
-from tests.conftest import GLUE_DIR, REPO
+from tests.conftest import GLUE_DIR, REPO, default_run_config
 
 
 def test_sweeps_are_options_not_copies() -> None:
@@ -22,6 +23,33 @@ def test_sweeps_are_options_not_copies() -> None:
     }
     full = compare.planned_runs(compare.parse_args(["--task", "cola", "--schemes", "fedlora"]))
     assert [r["lora-r"] for r in full] == [8, 16, 32]
+
+
+def test_lora_variants_are_planned_for_lora_schemes_and_labelled() -> None:
+    args = compare.parse_args(
+        [
+            "--task",
+            "sst2",
+            "--lora-r",
+            "8",
+            "--schemes",
+            "fedavg",
+            "fedlora",
+            "--lora-variants",
+            "naive",
+            "svd-hetero",
+            "fp16",
+        ]
+    )
+    plan = compare.planned_runs(args)
+    assert [r["scheme"] for r in plan] == ["fedavg", "fedlora", "fedlora", "fedlora"]  # fedavg has no LoRA
+    assert plan[2]["lora-aggregation"] == "svd" and plan[2]["lora-r-by-partition"] == "4,8"
+    runs = [
+        report.RunResult(Path(f"{i}.json"), {"config": default_run_config() | r}) for i, r in enumerate(plan)
+    ]
+    varying = report.varying_keys(runs)
+    labels = [run.label(varying) for run in runs]
+    assert labels == ["fedavg", "fedlora", "fedlora agg=svd ranks=4,8", "fedlora wire=float16"]
 
 
 def test_compare_runs_the_sweep_and_reports_it(tmp_path, capsys) -> None:

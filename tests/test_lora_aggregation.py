@@ -1,0 +1,215 @@
+"""LoRA aggregation (naive vs SVD), rank fitting, wire dtypes, FFA-LoRA and DP, against direct computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkdlora_app.aggregation import UpdateAggregator, delta_weight, fit_rank, lora_pairs
+from fedkdlora_app.config import ConfigError
+from fedkdlora_app.models import build_student, shipped_state
+from fedkdlora_app.results import RunRecorder
+from fedkdlora_app.strategy import TrackedFedAvg, TrackedServerSideClippingDP, payload_bytes
+from fedkdlora_app.wire import from_wire, to_wire
+from tests.conftest import make_config, train_reply
+
+ALPHA = 16.0
+MODULES = {"base_model.model.layer.0.query": (6, 5), "base_model.model.layer.0.value": (7, 4)}  # (out, in)
+
+
+def client_state(rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA state (A, B per module, and a head) with known random factors."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (out, inp) in MODULES.items():
+        state[f"{name}.lora_A.weight"] = torch.randn(rank, inp, generator=generator)
+        state[f"{name}.lora_B.weight"] = torch.randn(out, rank, generator=generator)
+    state["base_model.model.classifier.weight"] = torch.randn(2, 5, generator=generator)
+    return state
+
+
+def deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {m: delta_weight(state[a], state[b], ALPHA) for m, (a, b) in lora_pairs(state).items()}
+
+
+def aggregate(method: str, rank: int, states, counts, wire_dtype: str = "float32"):
+    aggregator = UpdateAggregator(method, wire_dtype, ALPHA, rank)
+    replies = [
+        train_reply(i + 1, to_wire(s, wire_dtype), n)
+        for i, (s, n) in enumerate(zip(states, counts, strict=True))
+    ]
+    arrays, report = aggregator([r.content for r in replies], "arrays", "num-examples")
+    return from_wire(arrays, wire_dtype), report
+
+
+def weighted_mean_deltas(states, counts) -> dict[str, torch.Tensor]:
+    total = sum(counts)
+    per_client = [deltas(s) for s in states]
+    return {m: sum(n / total * d[m] for d, n in zip(per_client, counts, strict=True)) for m in MODULES}
+
+
+def test_svd_at_full_rank_is_the_exact_mean_of_the_updates_and_naive_is_not() -> None:
+    states, counts = [client_state(2, 1), client_state(2, 2)], [30, 10]
+    expected = weighted_mean_deltas(states, counts)
+    svd, report = aggregate("svd", 4, states, counts)  # two rank-2 updates: rank <= 4
+    for module, delta in deltas(svd).items():
+        torch.testing.assert_close(delta, expected[module], rtol=1e-5, atol=1e-5)
+    assert report["truncation_error"] == pytest.approx(0.0, abs=1e-6)
+    naive, no_report = aggregate("naive", 2, states, counts)
+    assert no_report is None
+    for module, delta in deltas(naive).items():
+        assert not torch.allclose(delta, expected[module], atol=1e-2), module
+    # the head is the plain weighted mean either way
+    head = "base_model.model.classifier.weight"
+    torch.testing.assert_close(svd[head], (30 * states[0][head] + 10 * states[1][head]) / 40)
+    torch.testing.assert_close(naive[head], svd[head])
+
+
+def test_truncation_error_matches_a_direct_computation() -> None:
+    states, counts = [client_state(3, 3), client_state(3, 4)], [1, 1]
+    expected = weighted_mean_deltas(states, counts)
+    truncated, report = aggregate("svd", 2, states, counts)
+    got = deltas(truncated)
+    tail = sum(float(torch.linalg.matrix_norm(expected[m] - got[m]) ** 2) for m in MODULES)
+    total = sum(float(torch.linalg.matrix_norm(expected[m]) ** 2) for m in MODULES)
+    assert report["truncation_error"] == pytest.approx((tail / total) ** 0.5, rel=1e-4)
+    per_module = [
+        float(torch.linalg.matrix_norm(expected[m] - got[m]) / torch.linalg.matrix_norm(expected[m]))
+        for m in MODULES
+    ]
+    assert report["max_module_truncation_error"] == pytest.approx(max(per_module), rel=1e-4)
+    assert 0 < report["truncation_error"] < 1 and report["rank"] == 2 and report["client_ranks"] == [3]
+    # Eckart-Young: no rank-2 factorisation is closer than the truncated SVD
+    for module in MODULES:
+        u, s, vh = torch.linalg.svd(expected[module])
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        torch.testing.assert_close(got[module], best, rtol=1e-4, atol=1e-5)
+
+
+def test_heterogeneous_ranks_aggregate_into_the_global_rank() -> None:
+    states, counts = [client_state(2, 5), client_state(4, 6)], [10, 10]
+    expected = weighted_mean_deltas(states, counts)  # rank <= 6 > 4: truncated
+    result, report = aggregate("svd", 4, states, counts)
+    assert report["client_ranks"] == [2, 4]
+    for module, (a, b) in lora_pairs(result).items():
+        assert result[a].shape == (4, MODULES[module][1])
+        assert result[b].shape[1] == 4
+    error = sum(float(torch.linalg.matrix_norm(expected[m] - d) ** 2) for m, d in deltas(result).items())
+    total = sum(float(torch.linalg.matrix_norm(d) ** 2) for d in expected.values())
+    assert report["truncation_error"] == pytest.approx((error / total) ** 0.5, rel=1e-4)
+
+
+def test_fit_rank_gives_a_client_the_best_approximation_at_its_rank() -> None:
+    global_state = client_state(4, 7)
+    fitted = fit_rank(global_state, 2, ALPHA)
+    for module, delta in deltas(global_state).items():
+        a, b = lora_pairs(fitted)[module]
+        assert fitted[a].shape[0] == 2 and fitted[b].shape[1] == 2
+        u, s, vh = torch.linalg.svd(delta)
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        torch.testing.assert_close(delta_weight(fitted[a], fitted[b], ALPHA), best, rtol=1e-5, atol=1e-5)
+    assert fit_rank(global_state, 4, ALPHA) == global_state  # its own rank: untouched
+    fresh = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in global_state.items()}
+    kept = fit_rank(fresh, 2, ALPHA)  # LoRA's init (B = 0): keep A's rows, so gradients can flow
+    for a, b in lora_pairs(fresh).values():
+        assert torch.equal(kept[a], fresh[a][:2]) and not kept[b].any()
+
+
+@pytest.mark.parametrize(("wire_dtype", "precision"), [("float16", 2**-11), ("bfloat16", 2**-8)])
+def test_half_precision_wire_halves_the_bytes_and_keeps_values(wire_dtype: str, precision: float) -> None:
+    config = make_config(scheme="fedlora")
+    state = shipped_state(build_student(config), config)
+    full, half = to_wire(state, "float32"), to_wire(state, wire_dtype)
+    params = sum(t.numel() for t in state.values())
+    assert payload_bytes(full) - payload_bytes(half) == 2 * params  # 4 -> 2 bytes a value; same headers
+    back = from_wire(half, wire_dtype)
+    for key, tensor in state.items():
+        assert back[key].dtype == torch.float32
+        torch.testing.assert_close(back[key], tensor, rtol=precision, atol=1e-7)
+    assert to_wire(back, wire_dtype) == half  # a second trip changes nothing
+
+
+def test_frozen_a_is_never_trained_nor_shipped() -> None:
+    lora, ffa = make_config(scheme="fedlora"), make_config(scheme="fedlora", **{"lora-freeze-a": True})
+    model = build_student(ffa)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(".lora_A." in n for n in trainable)
+    full, shipped = shipped_state(build_student(lora), lora), shipped_state(model, ffa)
+    assert set(shipped) == {k for k in full if ".lora_A." not in k}
+    head = payload_bytes(ArrayRecord({k: v for k, v in full.items() if ".lora_" not in k}))
+    assert payload_bytes(ArrayRecord(shipped)) == (payload_bytes(ArrayRecord(full)) - head) / 2 + head
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lora-r-by-partition": "4,8"}, "'lora-r-by-partition' = '4,8': heterogeneous ranks need"),
+        ({"lora-aggregation": "svd", "lora-r-by-partition": "4,16"}, "every rank must be in 1..lora-r (8)"),
+        ({"lora-r-by-partition": "4;8"}, "'lora-r-by-partition' = '4;8': give comma-separated integers"),
+        ({"lora-aggregation": "svd", "lora-freeze-a": True}, "'lora-freeze-a' = true: incompatible"),
+        ({"scheme": "fedavg", "lora-aggregation": "svd"}, "'lora-aggregation' = 'svd': needs a LoRA scheme"),
+        ({"lora-aggregation": "mean"}, "'lora-aggregation' = 'mean': allowed: naive, svd"),
+        ({"wire-dtype": "int8"}, "'wire-dtype' = 'int8': allowed: float32, float16, bfloat16"),
+        ({"dp-noise-multiplier": 1.0, "wire-dtype": "bfloat16"}, "'wire-dtype' = 'bfloat16'"),
+        ({"dp-noise-multiplier": 1.0, "lora-aggregation": "svd"}, "needs lora-aggregation = 'naive'"),
+        ({"dp-clipping-norm": 0.0}, "'dp-clipping-norm' = 0.0: must be > 0"),
+    ],
+)
+def test_incompatible_lora_options_are_refused_naming_the_key(overrides, message) -> None:
+    with pytest.raises(ConfigError, match="run-config key") as error:
+        make_config(**{"scheme": "fedlora", **overrides})
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_client_rank_that_naive_averaging_cannot_use_is_refused_on_the_client() -> None:
+    naive, svd = make_config(scheme="fedlora"), make_config(scheme="fedlora", **{"lora-aggregation": "svd"})
+    assert naive.client_rank(0, {}) == 8
+    with pytest.raises(ConfigError, match="node config 'lora-r' = 4: rank 4 differs"):
+        naive.client_rank(0, {"lora-r": 4})
+    assert svd.client_rank(0, {"lora-r": 4}) == 4
+    by_partition = make_config(scheme="fedlora", **{"lora-aggregation": "svd", "lora-r-by-partition": "4,8"})
+    assert [by_partition.client_rank(p, {}) for p in range(4)] == [4, 8, 4, 8]
+    with pytest.raises(ConfigError, match=r"rank 16 must be in 1\.\.lora-r"):
+        svd.client_rank(0, {"lora-r": 16})
+
+
+@pytest.fixture()
+def recorder(tmp_path) -> RunRecorder:
+    return RunRecorder(make_config(**{"results-dir": str(tmp_path)}))
+
+
+def _server_side_dp(recorder: RunRecorder, noise: float, clipping: float) -> TrackedServerSideClippingDP:
+    inner = TrackedFedAvg(recorder)
+    dp = TrackedServerSideClippingDP(inner, noise, clipping, 2)
+    dp.current_arrays = inner._sent_arrays = ArrayRecord([np.zeros(4, dtype=np.float32)])
+    return dp
+
+
+def test_server_side_dp_clips_each_update_to_the_norm(recorder: RunRecorder) -> None:
+    dp = _server_side_dp(recorder, noise=0.0, clipping=1.0)
+    updates = [np.array([3.0, 4.0, 0, 0], dtype=np.float32), np.array([0, 0, 0.3, 0.4], dtype=np.float32)]
+    arrays, _ = dp.aggregate_train(1, [train_reply(i + 1, [u], 10) for i, u in enumerate(updates)])
+    # the first (norm 5) is scaled to norm 1, the second (norm 0.5) is kept; then the mean
+    np.testing.assert_allclose(arrays["0"].numpy(), [0.3, 0.4, 0.15, 0.2], rtol=1e-6)
+    noisy, _ = _server_side_dp(recorder, noise=1.0, clipping=1.0).aggregate_train(
+        2, [train_reply(i + 1, [u], 10) for i, u in enumerate(updates)]
+    )
+    assert not np.allclose(noisy["0"].numpy(), [0.3, 0.4, 0.15, 0.2], atol=1e-3)
+
+
+def test_a_failed_client_under_dp_skips_the_round_and_is_recorded(recorder: RunRecorder) -> None:
+    seen = []
+    dp = _server_side_dp(recorder, noise=1.0, clipping=1.0)
+    dp.after_aggregate = lambda server_round, arrays: seen.append(server_round) or arrays
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    instruction = Message(RecordDict({}), dst_node_id=2, message_type="train")
+    TaskIdentity.node_id = 2
+    failed = Message(Error(code=0, reason="node lost"), reply_to=instruction)
+    arrays, _ = dp.aggregate_train(1, [train_reply(1, [np.ones(4, dtype=np.float32)], 10), failed])
+    assert arrays is None and seen == []  # Flower's DP wrapper releases nothing this round
+    assert recorder.round(1)["failures"] == [{"stage": "train", "node_id": 2, "reason": "node lost"}]
+    dp.aggregate_train(2, [train_reply(1, [np.ones(4, dtype=np.float32)], 10)] * 2)
+    assert seen == [2]  # the scheme's step runs on the noised aggregate
