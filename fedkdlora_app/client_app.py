@@ -71,7 +71,7 @@ def partition_of(context: Context) -> tuple[int, int]:
 
 
 def node_config_of(config: RunConfig, context: Context) -> tuple[RunConfig, int, int]:
-    """(the run config with this client's LoRA rank, partition-id, num-partitions)."""
+    """(the run config as this node runs it: its own data-dir and LoRA rank, partition-id, num-partitions)."""
     partition_id, num_partitions = partition_of(context)
     if "data-dir" in context.node_config:  # this host's data (start-supernode.sh --data-dir) wins
         config = dataclasses.replace(config, data_dir=str(context.node_config["data-dir"]))
