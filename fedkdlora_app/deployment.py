@@ -78,20 +78,9 @@ def netns_available() -> bool:
     return check.returncode == 0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def process_env(flwr_home: Path, marker: str = "") -> dict[str, str]:
-    """This venv first on PATH, a private FLWR_HOME, no runtime dependency installation."""
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    )
+    """Flower's environment (`launcher.flower_env`), marked so cleanup can find every process."""
+    env = launcher.flower_env(flwr_home)
     if marker:
         env[MARKER_ENV] = marker
     return env
@@ -287,11 +276,6 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    """`kill <pid>` unwinds like Ctrl-C, so every started process and namespace is cleaned up."""
-    raise SystemExit(128 + signum)
-
-
 def kill_marked(marker: str) -> int:
     """Kill every process carrying MARKER_ENV=marker (orphans included); return how many."""
     victims = []
@@ -376,7 +360,7 @@ class LocalDeployment:
                 f"netns-hosts.sh holds at most {NETNS_MAX_SUPERNODES - 1} SuperNodes and a spare"
             )
         self.superlink_host = NETNS_SUPERLINK[1] if self.netns else "127.0.0.1"
-        self.superlink_port = SUPERLINK_PORT if self.netns else free_port()
+        self.superlink_port = SUPERLINK_PORT if self.netns else launcher.free_port()
         self.cli_env = process_env(self.work_dir / "cli-home", self.marker)
 
     # context manager: cleanup happens even when a test fails or the interpreter exits
@@ -495,7 +479,7 @@ class LocalDeployment:
             "--superlink", self.superlink_address,
             "--partition-id", str(partition_id),
             "--num-partitions", str(self.num_supernodes),
-            "--port", str(9094 if self.netns else free_port()),
+            "--port", str(9094 if self.netns else launcher.free_port()),
         ]  # fmt: skip
         command += ["--insecure"] if self.insecure else ["--certs", str(self.certs_dir), "--key", str(key)]
         if partition_id in self.node_data_dirs:
@@ -740,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--run-config", "-c", action="append", default=[], help="the run's overrides")
 
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, launcher.exit_on_sigterm)
     if args.command == "export-partition":
         try:
             app_dir = args.app.resolve()

@@ -91,15 +91,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def flwr_env(flwr_home: Path) -> dict[str, str]:
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """For Flower's commands: this venv first on PATH, a private FLWR_HOME, no `uv sync` per run."""
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """`flower_env` plus free ports for the local SuperLink that `flwr run` starts."""
+    env = flower_env(flwr_home)
+    env.update(
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
     return env
 
@@ -136,14 +145,14 @@ def stop_local_superlink(flwr_home: Path) -> int:
     return len(targets)
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
+def exit_on_sigterm(signum: int, _frame: object) -> None:
     """`kill <pid>` then unwinds like Ctrl-C, so the SuperLink this run started is stopped."""
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     app_dir = Path(args.app).resolve()
     try:
         run_config = resolved_run_config(app_dir, args.run_config, Path.cwd())
