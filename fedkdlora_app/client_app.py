@@ -53,9 +53,12 @@ def dp_clipping_mod(message: Message, context: Context, call_next: ClientAppCall
 app = ClientApp(mods=[dp_clipping_mod])
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=2)
 def cached_student(config: RunConfig) -> torch.nn.Module:
-    """One model per process: every message overwrites all of its shipped weights."""
+    """One model per process and LoRA rank: every message overwrites all of its shipped weights.
+
+    Two entries, so a simulation worker serving clients of two ranks does not rebuild per message.
+    """
     return build_student(config)
 
 
