@@ -25,9 +25,9 @@ from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.strategy import (
     TrackedFedAvg,
-    dp_sampled_clients,
     payload_bytes,
     payload_params,
+    privacy_info,
     private_strategy,
 )
 from fedkdlora_app.teacher import save_teacher
@@ -79,16 +79,7 @@ def run_federation(
         client_pool_examples=len(client_pool),
     )
     if config.uses_dp:
-        sampled = dp_sampled_clients(config)
-        recorder.set_model_info(
-            privacy={
-                "mechanism": f"Flower DifferentialPrivacy{config.dp_clipping.title()}SideFixedClipping",
-                "noise_multiplier": config.dp_noise_multiplier,
-                "clipping_norm": config.dp_clipping_norm,
-                "sampled_clients": sampled,
-                "noise_std": config.dp_noise_multiplier * config.dp_clipping_norm / sampled,
-            }
-        )
+        recorder.set_model_info(privacy=privacy_info(config))
     distillation = None
     if config.uses_teacher:
         teacher_state = checkpoint.teacher_state if checkpoint else None

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
+from flwr.supercore.differential_privacy import compute_stdv
 
 from fedkdlora_app.aggregation import UpdateAggregator, lora_rank, shapes_compatible
 from fedkdlora_app.config import RunConfig
@@ -92,7 +93,7 @@ class TrackedFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         accepted = []
-        for reply in self._successful(server_round, "train", list(replies)):
+        for reply in self.successful_replies(server_round, "train", list(replies)):
             node_id = reply.metadata.src_node_id
             self._nodes_served_once.add(node_id)  # it replied, so it got what it needed once
             records = reply.content.array_records
@@ -135,7 +136,7 @@ class TrackedFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
-        self._successful(server_round, "evaluate", replies)
+        self.successful_replies(server_round, "evaluate", replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.recorder.set_client_metrics(server_round, "evaluate", dict(metrics))
@@ -230,7 +231,7 @@ class TrackedFedAvg(FedAvg):
                 if isinstance(record, ArrayRecord):
                     self.recorder.add_bytes(server_round, node_id, "down", "teacher", payload_bytes(record))
 
-    def _successful(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
+    def successful_replies(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
         """Replies without error; the others are recorded as failures of the round.
 
         A node that went away cannot reply: the SuperLink answers for it (source node 1),
@@ -275,7 +276,7 @@ class _TrackedPrivacy:
         replies = list(replies)
         round_in_run = server_round + self.strategy.round_offset
         if any(reply.has_error() for reply in replies):
-            self.strategy._successful(round_in_run, "train", replies)
+            self.strategy.successful_replies(round_in_run, "train", replies)
             log(WARNING, "round %d: DP aggregation skipped: a sampled client failed", round_in_run)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self.after_aggregate is not None:
@@ -291,6 +292,9 @@ class TrackedClientSideClippingDP(_TrackedPrivacy, DifferentialPrivacyClientSide
     """Flower's central DP, updates clipped by the clients' `fixedclipping_mod`."""
 
 
+DP_WRAPPERS = {"server": TrackedServerSideClippingDP, "client": TrackedClientSideClippingDP}
+
+
 def private_strategy(
     strategy: TrackedFedAvg, config: RunConfig, after_aggregate: AfterAggregate | None
 ) -> Strategy:
@@ -299,8 +303,7 @@ def private_strategy(
     The noise's standard deviation is multiplier x clipping norm / sampled clients; the
     sampled clients are taken as `min-available-nodes` x `fraction-train`.
     """
-    wrapper = TrackedServerSideClippingDP if config.dp_clipping == "server" else TrackedClientSideClippingDP
-    return wrapper(
+    return DP_WRAPPERS[config.dp_clipping](
         strategy,
         config.dp_noise_multiplier,
         config.dp_clipping_norm,
@@ -312,3 +315,16 @@ def private_strategy(
 def dp_sampled_clients(config: RunConfig) -> int:
     """The cohort size the DP noise is calibrated for (FedAvg samples this many of the nodes)."""
     return max(1, int(config.min_available_nodes * config.fraction_train))
+
+
+def privacy_info(config: RunConfig) -> dict[str, Any]:
+    """The DP settings for the results JSON: the Flower wrapper and the noise it adds."""
+    sampled = dp_sampled_clients(config)
+    flower_wrapper = DP_WRAPPERS[config.dp_clipping].__bases__[1]
+    return {
+        "mechanism": flower_wrapper.__name__,
+        "noise_multiplier": config.dp_noise_multiplier,
+        "clipping_norm": config.dp_clipping_norm,
+        "sampled_clients": sampled,
+        "noise_std": compute_stdv(config.dp_noise_multiplier, config.dp_clipping_norm, sampled),
+    }
