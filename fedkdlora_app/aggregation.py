@@ -28,25 +28,6 @@ def lora_pairs(keys: list[str] | Mapping[str, Any]) -> dict[str, tuple[str, str]
     return {key.split(LORA_A)[0]: (key, key.replace(LORA_A, LORA_B)) for key in keys if LORA_A in key}
 
 
-def rank_axis(key: str) -> int | None:
-    """The rank dimension of a LoRA factor (A is r x in, B is out x r); None for other arrays."""
-    if LORA_A in key:
-        return 0
-    if LORA_B in key:
-        return 1
-    return None
-
-
-def shapes_compatible(key: str, got: tuple[int, ...], sent: tuple[int, ...], rank_may_differ: bool) -> bool:
-    """Same shape, or (svd with heterogeneous ranks) the same up to a LoRA factor's rank dimension."""
-    if tuple(got) == tuple(sent):
-        return True
-    axis = rank_axis(key) if rank_may_differ else None
-    if axis is None or len(got) != 2 or len(sent) != 2:
-        return False
-    return got[1 - axis] == sent[1 - axis]
-
-
 def lora_rank(record: ArrayRecord) -> int | None:
     """The rank of the LoRA factors in a shipped state; None if it has none (FedAvg)."""
     for key, array in record.items():
@@ -109,6 +90,81 @@ def fit_rank(state: dict[str, torch.Tensor], rank: int, lora_alpha: float) -> di
             factors = factorise(delta_weight(a, b, lora_alpha), rank, lora_alpha)
             fitted[key_a], fitted[key_b] = factors.a, factors.b
     return fitted
+
+
+def update_problem(
+    content: RecordDict,
+    sent: ArrayRecord | None,
+    aggregator: UpdateAggregator,
+    arrays_key: str,
+    weighted_by_key: str,
+    max_examples: int | None,
+) -> str | None:
+    """Why a client's train reply must not enter `aggregator`'s mean, or None if it may.
+
+    The one definition of a valid update, so that nothing the screen lets through can
+    fail inside the aggregation: exactly one ArrayRecord with the arrays that were `sent`
+    (names, dtypes; shapes equal, but for the rank of LoRA factors under svd), both
+    factors of each LoRA pair of one rank, that rank the sent one (naive) or in
+    1..`aggregator.rank` (svd) and the same for every pair, all values finite, and a
+    positive example count no larger than `max_examples`.
+    """
+    record = content.array_records.get(arrays_key)
+    if record is None or len(content.array_records) != 1:
+        return f"expected exactly one ArrayRecord '{arrays_key}'"
+    if sent is not None:
+        if set(record) != set(sent):
+            missing, unexpected = sorted(set(sent) - set(record)), sorted(set(record) - set(sent))
+            return f"array names differ from those sent (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        lora_keys = {key for pair in lora_pairs(sent).values() for key in pair}
+        for name, array in record.items():
+            same_shape = name in lora_keys or tuple(array.shape) == tuple(sent[name].shape)
+            if array.dtype != sent[name].dtype or not same_shape:
+                return (
+                    f"array '{name}' is {array.dtype}{list(array.shape)}, "
+                    f"sent as {sent[name].dtype}{list(sent[name].shape)}"
+                )
+    if problem := lora_rank_problem(record, sent, aggregator):
+        return problem
+    for name, tensor in from_wire(record, aggregator.wire_dtype).items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"array '{name}' holds NaN or Inf"
+    metrics = list(content.metric_records.values())
+    count = metrics[0].get(weighted_by_key) if len(metrics) == 1 else None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        return f"'{weighted_by_key}' must be a positive integer, got {count!r}"
+    if max_examples is not None and count > max_examples:
+        return f"claims {count} examples, more than the {max_examples} a client partition can hold"
+    return None
+
+
+def lora_rank_problem(
+    record: ArrayRecord, sent: ArrayRecord | None, aggregator: UpdateAggregator
+) -> str | None:
+    """The LoRA part of `update_problem`: A is (r, in) and B is (out, r), with in/out as sent."""
+    ranks = set()
+    for module, (key_a, key_b) in lora_pairs(record).items():
+        if key_b not in record:
+            return f"LoRA factor '{key_a}' has no '{key_b}'"
+        a, b = record[key_a].shape, record[key_b].shape
+        if len(a) != 2 or len(b) != 2:
+            return f"LoRA factors of '{module}' must be matrices, got {list(a)} and {list(b)}"
+        if sent is not None and (a[1] != sent[key_a].shape[1] or b[0] != sent[key_b].shape[0]):
+            return (
+                f"LoRA factors of '{module}' are {list(a)} and {list(b)}, "
+                f"sent as {list(sent[key_a].shape)} and {list(sent[key_b].shape)}"
+            )
+        if a[0] != b[1]:
+            return f"LoRA factors of '{module}' differ in rank: lora_A {a[0]}, lora_B {b[1]}"
+        if aggregator.rank_may_differ:
+            if not 1 <= a[0] <= aggregator.rank:
+                return f"LoRA rank {a[0]} of '{module}' is outside 1..{aggregator.rank} (lora-r)"
+        elif sent is not None and a[0] != sent[key_a].shape[0]:
+            return f"LoRA rank {a[0]} of '{module}' differs from the sent rank {sent[key_a].shape[0]}"
+        ranks.add(a[0])
+    if len(ranks) > 1:
+        return f"LoRA factors of one update have several ranks {sorted(ranks)}; a client trains one"
+    return None
 
 
 def example_weights(contents: list[RecordDict], weighted_by_key: str) -> list[float]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
+import re
+import shutil
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
@@ -15,9 +18,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from fedkdlora_app.aggregation import fit_rank
-from fedkdlora_app.config import RunConfig
+from fedkdlora_app.atomic import atomic_dir
+from fedkdlora_app.config import NodeRun, RunConfig
 from fedkdlora_app.data import cached_client_examples, make_loader
-from fedkdlora_app.distillation import TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY
 from fedkdlora_app.metrics import EvalCounts
 from fedkdlora_app.models import (
     build_student,
@@ -26,6 +29,7 @@ from fedkdlora_app.models import (
     load_tokenizer,
     shipped_state,
 )
+from fedkdlora_app.protocol import NO_TEACHER, TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY, TEACHER_ID_KEY
 from fedkdlora_app.seeding import client_seed
 from fedkdlora_app.training import (
     TrainResult,
@@ -62,25 +66,11 @@ def cached_student(config: RunConfig) -> torch.nn.Module:
     return build_student(config)
 
 
-def partition_of(context: Context) -> tuple[int, int]:
-    """(partition-id, num-partitions) from the node config (set by simulation or `--node-config`)."""
-    try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except KeyError as error:
-        raise KeyError(
-            f"node config lacks {error}: start the SuperNode with --node-config "
-            "'partition-id=<i> num-partitions=<n>'"
-        ) from error
-
-
-def node_config_of(config: RunConfig, context: Context) -> tuple[RunConfig, int, int]:
-    """(the run config as this node runs it: its own data-dir and LoRA rank, partition-id, num-partitions)."""
-    partition_id, num_partitions = partition_of(context)
-    if "data-dir" in context.node_config:  # this host's data (start-supernode.sh --data-dir) wins
-        config = dataclasses.replace(config, data_dir=str(context.node_config["data-dir"]))
-    if config.uses_lora:
-        config = dataclasses.replace(config, lora_r=config.client_rank(partition_id, context.node_config))
-    return config, partition_id, num_partitions
+def node_run_of(context: Context) -> NodeRun:
+    """The run as this node runs it; its own files checked before any work (one-line errors)."""
+    return NodeRun.from_node_config(
+        RunConfig.from_mapping(context.run_config, check_files=False), context.node_config
+    )
 
 
 def local_train(
@@ -128,37 +118,51 @@ def _teacher_from_path(path: str, num_labels: int) -> torch.nn.Module:
     return load_classifier(path, num_labels).eval().requires_grad_(False)
 
 
-_shipped_teachers: dict[str, torch.nn.Module] = {}
+def teacher_cache(node: NodeRun) -> Path:
+    """Where this node keeps shipped client-KD teachers: node config `cache-dir`, else the user's cache."""
+    if node.cache_dir:
+        return Path(node.cache_dir)
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return user_cache / "fedkdlora" / "client-kd-teachers"
 
 
-def _teacher_from_state(state: RecordDict) -> torch.nn.Module:
-    """Built once per process and run (keyed on the id the server gave it)."""
-    teacher_id = str(state[TEACHER_CONFIG_KEY]["id"])
-    if teacher_id not in _shipped_teachers:
-        _shipped_teachers.clear()  # one run's teacher at a time
-        model_config = AutoConfig.for_model(**json.loads(state[TEACHER_CONFIG_KEY]["model-config"]))
-        teacher = AutoModelForSequenceClassification.from_config(model_config)
-        teacher.load_state_dict(state[TEACHER_ARRAYS_KEY].to_torch_state_dict(), strict=True)
-        _shipped_teachers[teacher_id] = teacher.eval().requires_grad_(False)
-    return _shipped_teachers[teacher_id]
+def keep_shipped_teacher(content: RecordDict, folder: Path, keep: int = 2) -> None:
+    """Write the teacher a message carries to `folder` (a model directory), once; prune older ones.
 
-
-def frozen_teacher(message: Message, context: Context, config: RunConfig) -> torch.nn.Module:
-    """The node's `teacher-path` if its node config has one, else the copy the server shipped once.
-
-    The shipped copy is kept in `context.state`, which the node keeps across rounds.
+    On the node's disk it outlives the ClientApp process and a SuperNode restart, and
+    it no longer travels in `context.state` between SuperNode and ClientApp per message.
     """
-    if "teacher-path" in context.node_config:
-        return _teacher_from_path(str(context.node_config["teacher-path"]), config.num_labels)
-    for key in (TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY):
-        if key in message.content:
-            context.state[key] = message.content[key]
-    if TEACHER_CONFIG_KEY not in context.state:
+    if (folder / "config.json").is_file():
+        return
+    model_config = AutoConfig.for_model(**json.loads(content[TEACHER_CONFIG_KEY]["model-config"]))
+    teacher = AutoModelForSequenceClassification.from_config(model_config)
+    teacher.load_state_dict(content[TEACHER_ARRAYS_KEY].to_torch_state_dict(), strict=True)
+    atomic_dir(folder, teacher.save_pretrained, keep_existing=True)
+    kept = sorted(folder.parent.glob("*/config.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for stale in kept[keep:]:
+        shutil.rmtree(stale.parent, ignore_errors=True)
+
+
+def frozen_teacher(message: Message, node: NodeRun) -> torch.nn.Module:
+    """The node's `teacher-path` if its node config has one, else the copy the server shipped.
+
+    The server ships the teacher with a node's train messages until the node has replied
+    to one; the node keeps it in its cache, keyed by the teacher id every train message
+    carries. A node that lost it (e.g. a new disk) says so, and the server ships it again.
+    """
+    if node.teacher_path:
+        return _teacher_from_path(node.teacher_path, node.config.num_labels)
+    teacher_id = str(message.content.config_records["config"].get(TEACHER_ID_KEY, ""))
+    folder = teacher_cache(node) / re.sub(r"[^A-Za-z0-9._-]+", "-", teacher_id)
+    if TEACHER_ARRAYS_KEY in message.content:
+        keep_shipped_teacher(message.content, folder)
+    if not teacher_id or not (folder / "config.json").is_file():
         raise RuntimeError(
-            "client-kd = true but this node has no teacher: the server ships it with a node's first "
-            "train message, or set 'teacher-path' in the node config"
+            f"client-kd = true but this node {NO_TEACHER} '{teacher_id}' (none in this message, none in "
+            f"{folder}): the server ships it again with the next train message, or set node config "
+            "'teacher-path'"
         )
-    return _teacher_from_state(context.state)
+    return _teacher_from_path(str(folder), node.config.num_labels)
 
 
 def _global_state(message: Message, config: RunConfig) -> dict[str, torch.Tensor]:
@@ -167,13 +171,12 @@ def _global_state(message: Message, config: RunConfig) -> dict[str, torch.Tensor
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    config, partition_id, num_partitions = node_config_of(
-        RunConfig.from_mapping(context.run_config, on_server=False), context
-    )
+    node = node_run_of(context)
+    config = node.config
     server_round = int(message.content.config_records["config"]["server-round"])
-    teacher = frozen_teacher(message, context, config) if config.client_kd else None
+    teacher = frozen_teacher(message, node) if config.client_kd else None
     state, result = local_train(
-        config, partition_id, num_partitions, server_round, _global_state(message, config), teacher
+        config, node.partition_id, node.num_partitions, server_round, _global_state(message, config), teacher
     )
     metrics = MetricRecord(
         {"num-examples": result.num_examples, "train-loss": result.mean_loss, "train-seconds": result.seconds}
@@ -184,8 +187,7 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global_model(message: Message, context: Context) -> Message:
-    config, partition_id, num_partitions = node_config_of(
-        RunConfig.from_mapping(context.run_config, on_server=False), context
-    )
-    counts = local_evaluate(config, partition_id, num_partitions, _global_state(message, config))
+    node = node_run_of(context)
+    global_state = _global_state(message, node.config)
+    counts = local_evaluate(node.config, node.partition_id, node.num_partitions, global_state)
     return Message(content=RecordDict({"metrics": MetricRecord(counts.metrics())}), reply_to=message)

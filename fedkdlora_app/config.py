@@ -88,13 +88,16 @@ class RunConfig:
     dp_clipping_norm: float
     dp_clipping: str
     resume_from: str
+    round_timeout: float
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], on_server: bool = True) -> RunConfig:
+    def from_mapping(cls, values: Mapping[str, Any], check_files: bool = True) -> RunConfig:
         """Build from a kebab-case run-config; unknown or missing keys are errors.
 
-        `on_server=False` (ClientApps) skips the paths only the server reads: on real
-        SuperNodes they exist on the server's host, not the client's.
+        Types, ranges and choices are always checked. `check_files` also checks the files
+        the ServerApp reads (`check_server_files`): right where the server runs, wrong on a
+        SuperNode (which reads its own files, see `NodeRun`) or on a workstation that only
+        submits the run.
         """
         by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(set(values) - set(by_key))
@@ -106,8 +109,8 @@ class RunConfig:
         kwargs = {f.name: _coerce(key, values[key], f.type) for key, f in by_key.items()}
         config = cls(**kwargs)
         config.validate()
-        if on_server:
-            config.validate_server_paths()
+        if check_files:
+            config.check_server_files()
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,17 +233,10 @@ class RunConfig:
             raise ConfigError(
                 f"run-config key 'client-kd' = true: needs scheme 'fedkdlora', not '{self.scheme}'"
             )
-        if _looks_like_path(self.student_model) and not Path(self.student_model).expanduser().exists():
-            raise ConfigError(
-                f"run-config key 'student-model' = '{self.student_model}': no such local model folder"
-            )
         if self.dirichlet_alpha <= 0:
             raise ConfigError(f"run-config key 'dirichlet-alpha' = {self.dirichlet_alpha}: must be > 0")
-        if self.data_dir:
-            for split in ("train", "dev"):
-                path = Path(self.data_dir) / self.task / f"{split}.tsv"
-                if not path.is_file():
-                    raise ConfigError(f"run-config key 'data-dir' = '{self.data_dir}': no file {path}")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"run-config key 'round-timeout' = {self.round_timeout}: must be > 0 (seconds)")
 
     def _validate_lora_options(self) -> None:
         """LoRA aggregation, FFA-LoRA, heterogeneous ranks and DP: the combinations that make sense."""
@@ -287,11 +283,11 @@ class RunConfig:
                 "per message, and client-kd ships the teacher beside the model; use dp-clipping = 'server'"
             )
 
-    def validate_server_paths(self) -> None:
-        """Files only the ServerApp reads: the teacher and the run to resume."""
-        base = self.teacher_base_model
-        if _looks_like_path(base) and not Path(base).expanduser().exists():
-            raise ConfigError(f"run-config key 'teacher-base-model' = '{base}': no such local model folder")
+    def check_server_files(self) -> None:
+        """The files the ServerApp reads, on its host: data, student and teacher models, the run to resume."""
+        check_data_dir(self.data_dir, self.task, "run-config key 'data-dir'")
+        check_model_folder(self.student_model, "run-config key 'student-model'")
+        check_model_folder(self.teacher_base_model, "run-config key 'teacher-base-model'")
         if self.teacher_model and not (Path(self.teacher_model) / "config.json").is_file():
             raise ConfigError(
                 f"run-config key 'teacher-model' = '{self.teacher_model}': no model directory "
@@ -304,6 +300,86 @@ class RunConfig:
                     f"run-config key 'resume-from' = '{self.resume_from}': give the results JSON of a run "
                     f"whose folder holds a checkpoint ({checkpoint} not found)"
                 )
+
+
+@dataclass(frozen=True)
+class NodeRun:
+    """The run as one SuperNode runs it: the run-config with this node's own settings applied.
+
+    A SuperNode's `--node-config` gives its partition and, on a host of its own, where
+    its files are: `data-dir` (a GLUE copy or its exported partition), `student-model`
+    (a local copy of the student's base), `teacher-path` (a local client-KD teacher),
+    `cache-dir` (where a shipped client-KD teacher is kept) and `lora-r`. They override
+    the run-config, whose paths name the server's files; only then are the files this
+    node reads checked, naming the key to fix.
+    """
+
+    config: RunConfig
+    partition_id: int
+    num_partitions: int
+    teacher_path: str = ""
+    cache_dir: str = ""
+
+    @classmethod
+    def from_node_config(cls, config: RunConfig, node_config: Mapping[str, Any]) -> NodeRun:
+        try:
+            partition_id = int(node_config["partition-id"])
+            num_partitions = int(node_config["num-partitions"])
+        except KeyError as error:
+            raise ConfigError(
+                f"node config lacks {error}: start the SuperNode with --node-config "
+                "'partition-id=<i> num-partitions=<n>'"
+            ) from None
+        overrides = {
+            field: str(node_config[key])
+            for key, field in (("data-dir", "data_dir"), ("student-model", "student_model"))
+            if key in node_config
+        }
+        config = dataclasses.replace(config, **overrides)
+        if config.uses_lora:
+            config = dataclasses.replace(config, lora_r=config.client_rank(partition_id, node_config))
+        node = cls(
+            config,
+            partition_id,
+            num_partitions,
+            str(node_config.get("teacher-path", "")),
+            str(node_config.get("cache-dir", "")),
+        )
+        node.check_files(node_config)
+        return node
+
+    def check_files(self, node_config: Mapping[str, Any]) -> None:
+        """What this node reads: its data, the student's base and, for client KD, a local teacher."""
+        config = self.config
+        for key, value in (("data-dir", config.data_dir), ("student-model", config.student_model)):
+            what, where = f"node config '{key}'", ""
+            if key not in node_config:
+                what = f"run-config key '{key}'"
+                where = f" on this SuperNode (give it its own with node config '{key}')"
+            if key == "data-dir":
+                check_data_dir(value, config.task, what, where)
+            else:
+                check_model_folder(value, what, where)
+        if config.client_kd and self.teacher_path and not (Path(self.teacher_path) / "config.json").is_file():
+            raise ConfigError(
+                f"node config 'teacher-path' = '{self.teacher_path}': no model directory (config.json) there"
+            )
+
+
+def check_data_dir(data_dir: str, task: str, what: str, where: str = "") -> None:
+    """`data_dir` ("" = the hub) holds `<task>/train.tsv` and `dev.tsv`; `what` names the key in the error."""
+    if not data_dir:
+        return
+    for split in ("train", "dev"):
+        path = Path(data_dir) / task / f"{split}.tsv"
+        if not path.is_file():
+            raise ConfigError(f"{what} = '{data_dir}': no file {path}{where}")
+
+
+def check_model_folder(name: str, what: str, where: str = "") -> None:
+    """A local model folder must exist; hub ids ("org/name") and "" (embedded) are not files."""
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"{what} = '{name}': no such local model folder{where}")
 
 
 def _looks_like_path(value: str) -> bool:

@@ -514,8 +514,13 @@ class LocalDeployment:
             raise DeploymentError(f"SuperLink exited ({superlink.popen.returncode}):\n{superlink.tail()}")
 
     def submit(self, run_config: dict[str, Any], app_dir: Path = REPO) -> int:
-        """Validate the run-config (paths made absolute, as fedkdlora-run does) and submit it."""
-        overrides = launcher.resolved_run_config(app_dir, [launcher.format_overrides(run_config)], Path.cwd())
+        """Validate the run-config (paths made absolute, as fedkdlora-run does) and submit it.
+
+        As from a workstation: the server's files are checked on the server, not here.
+        """
+        overrides = launcher.resolved_run_config(
+            app_dir, [launcher.format_overrides(run_config)], Path.cwd(), check_files=False
+        )
         return submit_run(self.cli_env, self.connection, app_dir, overrides)
 
     def wait(self, run_id: int, timeout: float) -> tuple[str, str]:
@@ -744,8 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "submit":
         env = process_env(Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")))
         app_dir = args.app.resolve()
-        try:
-            overrides = launcher.resolved_run_config(app_dir, args.run_config, Path.cwd())
+        try:  # types, ranges and choices here; the server's paths are checked on its host
+            overrides = launcher.resolved_run_config(app_dir, args.run_config, Path.cwd(), check_files=False)
         except ConfigError as error:
             print(f"deployment: {error}", file=sys.stderr)
             return 2

@@ -14,14 +14,11 @@ from flwr.common.logger import log
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.data import loader_for, public_split
 from fedkdlora_app.models import load_classifier, load_shipped_state, shipped_state
+from fedkdlora_app.protocol import TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.teacher import build_teacher, save_teacher
 from fedkdlora_app.training import mutual_distill, train_epochs
 from fedkdlora_app.wire import from_wire, to_wire
-
-# Keys of the one-time records that carry the frozen teacher to clients (client-kd).
-TEACHER_ARRAYS_KEY = "teacher"
-TEACHER_CONFIG_KEY = "teacher-config"
 
 
 class ServerDistillation:
@@ -60,18 +57,11 @@ class ServerDistillation:
             self.teacher.load_state_dict(teacher_state, strict=True)
             pretrained = load_classifier(str(pretrained_dir), config.num_labels) if config.client_kd else None
         self.pretrained_dir = pretrained_dir
+        # The run's name: unique, and kept by a resumed run, whose pre-trained teacher is the same.
+        self.teacher_id = recorder.name
         self.public_loader = loader_for(public_split(config), config, shuffle_seed=config.seed)
         # Clients distil from the pre-trained teacher, as it was before any round changed it.
-        self.client_teacher = (
-            {
-                TEACHER_ARRAYS_KEY: ArrayRecord(pretrained.state_dict()),
-                TEACHER_CONFIG_KEY: ConfigRecord(
-                    {"model-config": json.dumps(pretrained.config.to_dict()), "id": recorder.name}
-                ),
-            }
-            if config.client_kd
-            else {}
-        )
+        self.client_teacher = teacher_records(pretrained, self.teacher_id) if config.client_kd else {}
 
     def after_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Teacher alone, then teacher + student mutually, on the public slice."""
@@ -103,6 +93,16 @@ class ServerDistillation:
         )
         log(INFO, "round %d: server distillation %.1f s, last step %s", server_round, seconds, _fmt(terms))
         return to_wire(shipped_state(self.student, config), config.wire_dtype)
+
+
+def teacher_records(teacher: torch.nn.Module, teacher_id: str) -> dict[str, ArrayRecord | ConfigRecord]:
+    """The one-time records that carry a frozen teacher to a node: weights, architecture, id."""
+    return {
+        TEACHER_ARRAYS_KEY: ArrayRecord(teacher.state_dict()),
+        TEACHER_CONFIG_KEY: ConfigRecord(
+            {"model-config": json.dumps(teacher.config.to_dict()), "id": teacher_id}
+        ),
+    }
 
 
 def _fmt(terms: dict[str, float]) -> str:

@@ -64,11 +64,12 @@ def format_overrides(values: dict[str, Any]) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
-def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path) -> dict:
+def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path, check_files: bool = True) -> dict:
     """Overrides with every path key absolute (defaults included, so results land here).
 
     The merged config is validated here, so a typo fails in one line before a
-    SuperLink is started or a model loaded.
+    SuperLink is started or a model loaded. `check_files=False` where this host only
+    submits the run: the server's files are on the SuperLink's host and checked there.
     """
     defaults = app_defaults(app_dir)
     try:
@@ -81,7 +82,7 @@ def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path) -> dict:
         value = values.get(key, defaults.get(key))
         if value and not Path(value).is_absolute() and (not key.endswith("model") or (cwd / value).exists()):
             values[key] = str((cwd / value).resolve())
-    RunConfig.from_mapping({**defaults, **values})
+    RunConfig.from_mapping({**defaults, **values}, check_files=check_files)
     return values
 
 

@@ -34,6 +34,7 @@ ADDED_KEY_DEFAULTS = {
     "dp-noise-multiplier": 0.0,
     "dp-clipping-norm": 1.0,
     "dp-clipping": "server",
+    "round-timeout": 3600.0,
 }
 
 
@@ -182,6 +183,29 @@ class RunRecorder:
     def add_failure(self, server_round: int, stage: str, node_id: int, reason: str) -> None:
         self.round(server_round)["failures"].append({"stage": stage, "node_id": node_id, "reason": reason})
 
+    def set_aggregated_updates(self, server_round: int, count: int) -> None:
+        """How many client updates went into the round's aggregate (0: the global model stayed)."""
+        self.round(server_round)["aggregated_updates"] = count
+
+    def rounds_without_update(self, after_round: int = 0) -> list[int]:
+        """Rounds after `after_round` whose aggregate took no client update (all failed or were dropped)."""
+        return [
+            entry["round"]
+            for entry in self.data["rounds"]
+            if entry["round"] > after_round and entry.get("aggregated_updates", 0) == 0
+        ]
+
+    def failure_summary(self, after_round: int = 0, examples: int = 2) -> str:
+        """`N failure(s) recorded`, with the first distinct reasons, for logs and errors."""
+        failures = [
+            f"round {entry['round']} {f['stage']} node {f['node_id']}: {f['reason']}"
+            for entry in self.data["rounds"]
+            if entry["round"] > after_round
+            for f in entry["failures"]
+        ]
+        shown = "; ".join(" ".join(f.split())[:300] for f in failures[:examples])
+        return f"{len(failures)} failure(s) recorded" + (f", e.g. {shown}" if shown else "")
+
     def set_distillation(self, server_round: int, distillation: dict[str, Any]) -> None:
         self.round(server_round)["distillation"] = distillation
 
@@ -231,6 +255,15 @@ class RunRecorder:
         self.data["artifacts"].update(artifacts)
         self._close("completed", None)
 
+    def health(self) -> dict[str, Any]:
+        """For `run.health` and the last log line: rounds that aggregated nothing, failures recorded."""
+        rounds = [entry for entry in self.data["rounds"] if entry["round"] > 0]
+        return {
+            "rounds": len(rounds),
+            "rounds_without_update": self.rounds_without_update(),
+            "failures": sum(len(entry["failures"]) for entry in rounds),
+        }
+
     def fail(self, error: BaseException) -> None:
         """Keep every completed round and say why the run stopped."""
         self._close("failed", f"{type(error).__name__}: {error}")
@@ -238,6 +271,7 @@ class RunRecorder:
     def _close(self, status: str, error: str | None) -> None:
         run = self.data["run"]
         run.update(status=status, error=error, finished_at=datetime.now(timezone.utc).isoformat())
+        run["health"] = self.health()
         run["wall_seconds_total"] = self._elapsed_before + time.perf_counter() - self._t0
         self.write()
 

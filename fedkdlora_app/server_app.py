@@ -5,7 +5,7 @@ from __future__ import annotations
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -21,6 +21,7 @@ from fedkdlora_app.models import (
     save_student,
     shipped_state,
 )
+from fedkdlora_app.protocol import TEACHER_ID_KEY
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.strategy import (
@@ -116,6 +117,7 @@ def run_federation(
         # No partition holds more than the cap, or the whole client pool: larger claims are dropped.
         max_examples_per_update=config.max_train_examples_per_client or len(client_pool),
         round_offset=offset,
+        round_timeout=config.round_timeout,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=1,
@@ -124,12 +126,17 @@ def run_federation(
     )
     if config.uses_dp:
         strategy = private_strategy(strategy, config, after_aggregate)
+    # With client KD every train message names the teacher, so a node can find its cached copy.
+    train_config = ConfigRecord({TEACHER_ID_KEY: distillation.teacher_id} if config.client_kd else {})
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
         num_rounds=config.num_server_rounds - offset,
+        timeout=config.round_timeout,
+        train_config=train_config,
         evaluate_fn=evaluate_global,
     )
+    check_something_aggregated(recorder, offset)
     # Result.arrays is an empty record when no round produced an aggregate.
     final_arrays = result.arrays if len(result.arrays) else initial_arrays
     load_shipped_state(student, from_wire(final_arrays, config.wire_dtype), config)
@@ -144,4 +151,28 @@ def run_federation(
         artifacts["teacher"] = str(teacher_dir.resolve())
         artifacts["pretrained_teacher"] = str(distillation.pretrained_dir.resolve())
     recorder.finish(artifacts)
-    log(INFO, "Results: %s; models saved in %s", recorder.path, recorder.run_dir)
+    health = recorder.health()
+    log(
+        INFO,
+        "Results: %s; models saved in %s; %d of %d round(s) aggregated no client update, %d failure(s) "
+        "recorded (rounds[].failures)",
+        recorder.path,
+        recorder.run_dir,
+        len(health["rounds_without_update"]),
+        health["rounds"],
+        health["failures"],
+    )
+
+
+class NothingAggregatedError(RuntimeError):
+    """Every round of the run ended without a single client update: nothing was trained."""
+
+
+def check_something_aggregated(recorder: RunRecorder, after_round: int) -> None:
+    """A run whose rounds all kept the initial model is a failure, whatever Flower thinks of it."""
+    entries = [entry for entry in recorder.data["rounds"] if entry["round"] > after_round]
+    if entries and len(recorder.rounds_without_update(after_round)) == len(entries):
+        raise NothingAggregatedError(
+            f"no round aggregated a client update ({len(entries)} round(s)): "
+            + recorder.failure_summary(after_round)
+        )

@@ -16,7 +16,6 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -28,11 +27,11 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_stdv
 
-from fedkdlora_app.aggregation import UpdateAggregator, lora_rank, shapes_compatible
+from fedkdlora_app.aggregation import UpdateAggregator, lora_rank, update_problem
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.metrics import aggregate_evaluate_metrics, aggregate_train_metrics
+from fedkdlora_app.protocol import NO_TEACHER
 from fedkdlora_app.results import RunRecorder
-from fedkdlora_app.wire import from_wire
 
 AfterAggregate = Callable[[int, ArrayRecord], ArrayRecord]
 
@@ -58,6 +57,7 @@ class TrackedFedAvg(FedAvg):
         max_examples_per_update: int | None = None,
         round_offset: int = 0,
         aggregator: UpdateAggregator | None = None,
+        round_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
@@ -75,12 +75,15 @@ class TrackedFedAvg(FedAvg):
         self._in_flight: list[Message] = []
         # `Strategy.start` counts from 1; a resumed run's rounds continue after the offset.
         self.round_offset = round_offset
+        # What `Strategy.start(timeout=...)` was given: a message without a reply by then failed.
+        self.round_timeout = round_timeout
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
         self.recorder.start_round(server_round)
+        self.recorder.set_aggregated_updates(server_round, 0)  # until aggregate_train says otherwise
         self._sent_arrays = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._fit_to_node_ranks(messages)
@@ -110,6 +113,7 @@ class TrackedFedAvg(FedAvg):
             else:
                 log(WARNING, "round %d: update of node %d dropped: %s", server_round, node_id, problem)
                 self.recorder.add_failure(server_round, "train", node_id, f"rejected update: {problem}")
+        self.recorder.set_aggregated_updates(server_round, len(accepted))
         if not accepted:
             return None, None
         # Float sums depend on their order; arrival order varies from run to run.
@@ -177,42 +181,15 @@ class TrackedFedAvg(FedAvg):
         return digest.hexdigest()
 
     def update_problem(self, content: RecordDict) -> str | None:
-        """Why a client's train reply must not enter the average, or None if it may.
-
-        It must carry the arrays that were sent (same names, dtypes and shapes, but for
-        LoRA ranks under svd), all finite, and a positive example count no larger than a
-        partition can hold.
-        """
-        record = content.array_records.get(self.arrayrecord_key)
-        if record is None or len(content.array_records) != 1:
-            return f"expected exactly one ArrayRecord '{self.arrayrecord_key}'"
-        sent = self._sent_arrays
-        if sent is not None and set(record) != set(sent):
-            missing, unexpected = sorted(set(sent) - set(record)), sorted(set(record) - set(sent))
-            return f"array names differ from those sent (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        rank_may_differ = self.aggregator.rank_may_differ
-        for name, array in record.items():
-            if sent is not None and (
-                array.dtype != sent[name].dtype
-                or not shapes_compatible(name, array.shape, sent[name].shape, rank_may_differ)
-            ):
-                return (
-                    f"array '{name}' is {array.dtype}{list(array.shape)}, "
-                    f"sent as {sent[name].dtype}{list(sent[name].shape)}"
-                )
-        for name, tensor in from_wire(record, self.aggregator.wire_dtype).items():
-            if not torch.isfinite(tensor).all():
-                return f"array '{name}' holds NaN or Inf"
-        metrics = list(content.metric_records.values())
-        count = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
-        if not isinstance(count, int) or count < 1:
-            return f"'{self.weighted_by_key}' must be a positive integer, got {count!r}"
-        if self.max_examples_per_update is not None and count > self.max_examples_per_update:
-            return (
-                f"claims {count} examples, more than the {self.max_examples_per_update} "
-                "a client partition can hold"
-            )
-        return None
+        """Why a client's train reply must not enter the average (`aggregation.update_problem`), or None."""
+        return update_problem(
+            content,
+            self._sent_arrays,
+            self.aggregator,
+            self.arrayrecord_key,
+            self.weighted_by_key,
+            self.max_examples_per_update,
+        )
 
     def _attach_once_per_node(self, server_round: int, messages: list[Message]) -> None:
         """Records a node needs once (the client-KD teacher), until it has replied to a message carrying them.
@@ -232,19 +209,30 @@ class TrackedFedAvg(FedAvg):
                     self.recorder.add_bytes(server_round, node_id, "down", "teacher", payload_bytes(record))
 
     def successful_replies(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
-        """Replies without error; the others are recorded as failures of the round.
+        """Replies without error; the others, and messages left without a reply, are failures of the round.
 
         A node that went away cannot reply: the SuperLink answers for it (source node 1),
-        so the failure names the node the message was sent to.
+        so the failure names the node the message was sent to. A node that stays
+        connected but hangs sends nothing: Flower's grid stops waiting after the round
+        timeout and returns the replies it has, so the missing ones are recorded here.
         """
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._in_flight}
+        answered = {reply.metadata.reply_to_message_id for reply in replies}
         ok = []
         for reply in replies:
             if reply.has_error():
                 node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 self.recorder.add_failure(server_round, stage, node_id, reply.error.reason)
+                if NO_TEACHER in reply.error.reason:  # it lost the one-time records: send them again
+                    self._nodes_served_once.discard(node_id)
             else:
                 ok.append(reply)
+        for message_id, node_id in sent_to.items():
+            if message_id and message_id not in answered:
+                self.recorder.add_failure(
+                    server_round, stage, node_id, f"no reply within round-timeout = {self.round_timeout} s"
+                )
+        self._in_flight = []  # each message's outcome is recorded once
         return ok
 
 

@@ -160,3 +160,63 @@ def test_one_time_records_go_to_new_nodes_only(recorder: RunRecorder) -> None:
     assert "teacher" not in again[0].content and "teacher" in again[1].content
     teacher_bytes = [recorder.round(r)["communication"]["down_bytes_teacher"] for r in (1, 2)]
     assert teacher_bytes == [2 * payload_bytes(teacher), payload_bytes(teacher)]
+
+
+def _sent_messages(strategy: TrackedFedAvg, nodes: list[int]) -> list[Message]:
+    """Train messages as the grid leaves them after pushing: each with its message id."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    content = RecordDict({"arrays": ArrayRecord(GLOBAL), "config": ConfigRecord({"server-round": 1})})
+    messages = [Message(content, dst_node_id=node, message_type="train") for node in nodes]
+    for index, message in enumerate(messages):
+        message.metadata.__dict__["_message_id"] = f"message-{index}"
+    strategy._count_down(1, "train", messages)
+    return messages
+
+
+def test_a_node_silent_past_the_round_timeout_is_a_recorded_failure(recorder: RunRecorder) -> None:
+    """Flower's grid returns only the replies it got in time; the silent node must not vanish unrecorded."""
+    strategy = TrackedFedAvg(recorder, round_timeout=30.0)
+    sent = _sent_messages(strategy, [1, 2])
+    reply = train_reply(1, GLOBAL, 5)
+    reply.metadata.__dict__["_reply_to_message_id"] = sent[0].metadata.message_id
+    arrays, metrics = strategy.aggregate_train(1, [reply])
+    assert arrays is not None and metrics["num-examples"] == 5
+    assert recorder.round(1)["failures"] == [
+        {"stage": "train", "node_id": 2, "reason": "no reply within round-timeout = 30.0 s"}
+    ]
+
+
+def test_a_node_that_lost_the_client_kd_teacher_is_sent_it_again(recorder: RunRecorder) -> None:
+    from flwr.app import Error
+
+    from fedkdlora_app.protocol import NO_TEACHER
+
+    teacher = ArrayRecord([np.ones(10, dtype=np.float32)])
+    strategy = TrackedFedAvg(recorder, once_per_node={"teacher": teacher})
+    strategy._nodes_served_once = {1, 2}  # both replied in an earlier round
+    sent = _sent_messages(strategy, [1, 2])
+    TaskIdentity.node_id = 2
+    lost = Message(Error(code=0, reason=f"RuntimeError: this node {NO_TEACHER} 'run'"), reply_to=sent[1])
+    good = train_reply(1, GLOBAL, 5)
+    good.metadata.__dict__["_reply_to_message_id"] = sent[0].metadata.message_id
+    strategy.aggregate_train(1, [good, lost])
+    again = _sent_messages(strategy, [1, 2])
+    strategy._attach_once_per_node(2, again)
+    assert "teacher" not in again[0].content and "teacher" in again[1].content
+
+
+def test_a_run_that_aggregated_nothing_is_an_error_naming_the_failures(recorder: RunRecorder) -> None:
+    from fedkdlora_app.server_app import NothingAggregatedError, check_something_aggregated
+
+    for server_round in (1, 2):  # as configure_train opens each round
+        recorder.set_aggregated_updates(server_round, 0)
+        recorder.add_failure(server_round, "train", 7, "ConfigError: node config 'data-dir' = '/x': no file")
+    with pytest.raises(
+        NothingAggregatedError,
+        match=r"no round aggregated a client update \(2 round\(s\)\): "
+        r"2 failure\(s\) recorded, e.g. round 1 train node 7: ConfigError",
+    ):
+        check_something_aggregated(recorder, 0)
+    recorder.set_aggregated_updates(2, 1)
+    check_something_aggregated(recorder, 0)  # one round that trained is a (partly failed) run
+    assert recorder.health() == {"rounds": 2, "rounds_without_update": [1], "failures": 2}

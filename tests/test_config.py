@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedkdlora_app.config import ConfigError, RunConfig
-from tests.conftest import default_run_config, make_config
+from fedkdlora_app.config import ConfigError, NodeRun, RunConfig
+from tests.conftest import GLUE_DIR, REPO, default_run_config, make_config
 
 
 def test_shipped_defaults_are_valid() -> None:
@@ -50,3 +50,70 @@ def test_bad_values_name_the_key(overrides: dict, message: str) -> None:
 
 def test_ints_are_accepted_for_floats() -> None:
     assert make_config(**{"lora-dropout": 0}).lora_dropout == 0.0
+
+
+def _node(run_overrides: dict, node_config: dict) -> NodeRun:
+    config = RunConfig.from_mapping({**default_run_config(), **run_overrides}, check_files=False)
+    return NodeRun.from_node_config(config, {"partition-id": 0, "num-partitions": 2, **node_config})
+
+
+def test_a_node_reads_its_own_data_not_the_servers_path() -> None:
+    """Issue 11: run-config paths name the server's files; a node on another host has its own."""
+    server_only = {"data-dir": "/srv/only-on-server/glue", "student-model": "/srv/only-on-server/minilm"}
+    with pytest.raises(ConfigError, match="'data-dir' = '/srv/only-on-server/glue': no file"):
+        RunConfig.from_mapping({**default_run_config(), **server_only})  # the server checks its files
+    node = _node(server_only, {"data-dir": str(GLUE_DIR), "student-model": ""})
+    assert node.config.data_dir == str(GLUE_DIR) and node.config.student_model == ""
+    assert (node.partition_id, node.num_partitions) == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("run_overrides", "node_config", "message"),
+    [
+        (
+            {"data-dir": "/srv/glue"},
+            {},
+            "run-config key 'data-dir' = '/srv/glue': no file /srv/glue/sst2/train.tsv on this SuperNode "
+            "(give it its own with node config 'data-dir')",
+        ),
+        (
+            {},
+            {"data-dir": "/node/glue"},
+            "node config 'data-dir' = '/node/glue': no file /node/glue/sst2/train.tsv",
+        ),
+        (
+            {"student-model": "/srv/model"},
+            {},
+            "run-config key 'student-model' = '/srv/model': no such local model folder on this SuperNode",
+        ),
+        (
+            {"client-kd": True},
+            {"teacher-path": "/node/teacher"},
+            "node config 'teacher-path' = '/node/teacher'",
+        ),
+        ({}, {"partition-id": None}, None),
+    ],
+)
+def test_a_node_missing_a_file_names_the_key_in_one_line(run_overrides, node_config, message) -> None:
+    if message is None:  # a node config without partition-id
+        config = RunConfig.from_mapping(default_run_config(), check_files=False)
+        with pytest.raises(ConfigError, match="node config lacks 'partition-id'"):
+            NodeRun.from_node_config(config, {"num-partitions": 2})
+        return
+    with pytest.raises(ConfigError) as error:
+        _node({"data-dir": str(GLUE_DIR), **run_overrides}, node_config)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_submitting_host_checks_values_but_not_the_servers_files(tmp_path) -> None:
+    from fedkdlora_app import launcher
+
+    overrides = [
+        "data-dir='/srv/only-on-server/glue' teacher-model='/srv/teacher' resume-from='/srv/run.json'"
+    ]
+    values = launcher.resolved_run_config(REPO, overrides, tmp_path, check_files=False)
+    assert values["data-dir"] == "/srv/only-on-server/glue"
+    with pytest.raises(ConfigError, match="'data-dir' = '/srv/only-on-server/glue'"):
+        launcher.resolved_run_config(REPO, overrides, tmp_path)  # fedkdlora-run: this host is the server
+    with pytest.raises(ConfigError, match=r"'round-timeout' = 0\.0: must be > 0"):
+        launcher.resolved_run_config(REPO, ["round-timeout=0.0"], tmp_path, check_files=False)

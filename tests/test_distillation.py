@@ -151,3 +151,35 @@ def test_bad_kd_settings_name_the_key(overrides, message) -> None:
     with pytest.raises(ConfigError) as error:
         _kd_config(**overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_shipped_client_kd_teacher_outlives_the_clientapp_and_a_restart(
+    tmp_path, foreign_vocab_teacher
+) -> None:
+    """The teacher lived in context.state, lost when a SuperNode restarts; now it is on the node's disk."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedkdlora_app.client_app import _teacher_from_path, frozen_teacher
+    from fedkdlora_app.config import NodeRun
+    from fedkdlora_app.distillation import teacher_records
+    from fedkdlora_app.protocol import NO_TEACHER, TEACHER_ID_KEY
+
+    shipped = load_classifier(str(foreign_vocab_teacher), 2)
+    node = NodeRun(_kd_config(**{"client-kd": True}), 0, 2, cache_dir=str(tmp_path / "cache"))
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+    def train_message(teacher_id: str, with_teacher: bool) -> Message:
+        config = ConfigRecord({"server-round": 1, TEACHER_ID_KEY: teacher_id})
+        records = teacher_records(shipped, teacher_id) if with_teacher else {}
+        return Message(RecordDict({"config": config, **records}), dst_node_id=5, message_type="train")
+
+    first = frozen_teacher(train_message("run-a", with_teacher=True), node)
+    _teacher_from_path.cache_clear()  # a new ClientApp process, e.g. after the SuperNode restarted
+    later = frozen_teacher(train_message("run-a", with_teacher=False), node)
+    assert later is not first and (tmp_path / "cache" / "run-a" / "config.json").is_file()
+    for (name, a), b in zip(shipped.state_dict().items(), later.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not any(p.requires_grad for p in later.parameters())
+    with pytest.raises(RuntimeError, match=f"this node {NO_TEACHER} 'run-b'"):
+        frozen_teacher(train_message("run-b", with_teacher=False), node)

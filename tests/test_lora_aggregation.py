@@ -213,3 +213,57 @@ def test_a_failed_client_under_dp_skips_the_round_and_is_recorded(recorder: RunR
     assert recorder.round(1)["failures"] == [{"stage": "train", "node_id": 2, "reason": "node lost"}]
     dp.aggregate_train(2, [train_reply(1, [np.ones(4, dtype=np.float32)], 10)] * 2)
     assert seen == [2]  # the scheme's step runs on the noised aggregate
+
+
+def _lora_reply(node_id: int, ranks: dict[str, tuple[int, int]], count: int = 10) -> Message:
+    """A train reply whose LoRA factors of each module have the given (A rank, B rank)."""
+    state = client_state(4, node_id)
+    for name, (out, inp) in MODULES.items():
+        rank_a, rank_b = ranks.get(name, (4, 4))
+        state[f"{name}.lora_A.weight"] = torch.ones(rank_a, inp)
+        state[f"{name}.lora_B.weight"] = torch.ones(out, rank_b)
+    return train_reply(node_id, to_wire(state, "float32"), count)
+
+
+QUERY, VALUE = MODULES
+
+
+@pytest.mark.parametrize("method", ["naive", "svd"])
+@pytest.mark.parametrize(
+    ("ranks", "problems"),
+    [
+        ({QUERY: (4, 6)}, {"naive": "differ in rank: lora_A 4, lora_B 6", "svd": "differ in rank"}),
+        ({QUERY: (0, 0), VALUE: (0, 0)}, {"naive": "differs from the sent rank 4", "svd": "outside 1..4"}),
+        ({QUERY: (8, 8), VALUE: (8, 8)}, {"naive": "differs from the sent rank 4", "svd": "outside 1..4"}),
+        ({QUERY: (2, 2), VALUE: (2, 2)}, {"naive": "differs from the sent rank 4", "svd": None}),
+        ({QUERY: (2, 2)}, {"naive": "differs from the sent rank 4", "svd": "several ranks [2, 4]"}),
+    ],
+)
+def test_an_update_the_aggregation_cannot_use_is_dropped_not_fatal(recorder, method, ranks, problems) -> None:
+    """One place decides what the aggregation can take; a bad reply never reaches it (issue: svd crashed)."""
+    strategy = TrackedFedAvg(recorder, aggregator=UpdateAggregator(method, "float32", ALPHA, 4))
+    strategy._sent_arrays = to_wire(client_state(4, 0), "float32")
+    good, bad = _lora_reply(1, {}, 30), _lora_reply(2, ranks, 10)
+    arrays, metrics = strategy.aggregate_train(1, [good, bad])
+    problem = problems[method]
+    assert arrays is not None
+    if problem is None:  # svd takes lower ranks: both updates are averaged
+        assert metrics["num-examples"] == 40 and recorder.round(1)["failures"] == []
+        return
+    assert metrics["num-examples"] == 30  # the good update alone
+    [failure] = recorder.round(1)["failures"]
+    assert failure["node_id"] == 2 and failure["reason"].startswith("rejected update: ")
+    assert problem in failure["reason"], failure["reason"]
+    assert recorder.round(1)["aggregated_updates"] == 1
+
+
+def test_a_factor_whose_other_dimension_differs_from_the_sent_one_is_dropped(recorder) -> None:
+    strategy = TrackedFedAvg(recorder, aggregator=UpdateAggregator("svd", "float32", ALPHA, 4))
+    strategy._sent_arrays = to_wire(client_state(4, 0), "float32")
+    bad = client_state(4, 2)
+    bad[f"{QUERY}.lora_A.weight"] = torch.ones(4, 9)  # in-features 5 were sent
+    arrays, metrics = strategy.aggregate_train(
+        1, [_lora_reply(1, {}, 30), train_reply(2, to_wire(bad, "float32"), 10)]
+    )
+    assert arrays is not None and metrics["num-examples"] == 30
+    assert "are [4, 9] and [6, 4], sent as [4, 5] and [6, 4]" in recorder.round(1)["failures"][0]["reason"]

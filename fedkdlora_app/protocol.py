@@ -1,0 +1,16 @@
+"""What ServerApp and ClientApp say to each other beyond Flower's own keys: one home for both sides.
+
+A leaf module (no imports from the app), so either side can use it without pulling in
+the other's code.
+"""
+
+from __future__ import annotations
+
+# Client KD: the one-time records that carry the frozen teacher to a node ...
+TEACHER_ARRAYS_KEY = "teacher"
+TEACHER_CONFIG_KEY = "teacher-config"
+# ... and the train-config entry that names it in every train message, so a node finds its copy.
+TEACHER_ID_KEY = "client-kd-teacher"
+# In a ClientApp's error when it has neither the shipped teacher nor a local copy: the
+# server then ships the teacher again with that node's next train message.
+NO_TEACHER = "has no client-KD teacher"
