@@ -5,12 +5,16 @@
 # (deploy/register-supernodes.sh).
 #
 #   deploy/start-supernode.sh --superlink HOST:9093 --partition-id I --num-partitions N \
-#       [--key deploy/certs/node-I] [--certs DIR] [--data-dir DIR] [--teacher-path DIR] [--port 9094]
+#       [--key deploy/certs/node-I] [--certs DIR] [--data-dir DIR] [--student-model DIR] \
+#       [--teacher-path DIR] [--cache-dir DIR] [--port 9094]
 #   deploy/start-supernode.sh --insecure --superlink 127.0.0.1:9093 ...   # loopback experiments only
 #
-# --data-dir overrides the run-config data-dir on this node (the GLUE copy, or this node's
-# own partition from `python -m fedkdlora_app.deployment export-partition`); --teacher-path
-# is a local teacher for client-side KD (client-kd = true). --port is this SuperNode's
+# The run-config's paths name the server's files; these name this host's, as node config:
+# --data-dir: the GLUE copy, or this node's own partition (`python -m
+# fedkdlora_app.deployment export-partition`); --student-model: a local copy of the
+# student's base model (when the run-config's is a folder on the server); --teacher-path: a
+# local teacher for client-side KD (client-kd = true); --cache-dir: where a teacher the
+# server ships is kept (default ~/.cache/fedkdlora/client-kd-teachers). --port is this SuperNode's
 # local Runtime API port (its ClientApp talks to it on 127.0.0.1); give each SuperNode on
 # one host its own.
 set -euo pipefail
@@ -18,11 +22,12 @@ source "$(dirname "$0")/_common.sh"
 
 usage() {
     echo "usage: $0 --superlink HOST:PORT --partition-id I --num-partitions N [--key FILE] [--certs DIR]" \
-         "[--data-dir DIR] [--teacher-path DIR] [--port P] [--insecure]" >&2
+         "[--data-dir DIR] [--student-model DIR] [--teacher-path DIR] [--cache-dir DIR] [--port P] [--insecure]" >&2
     exit 2
 }
 CERTS="$DEPLOY_DIR/certs"
-SUPERLINK=""; PARTITION=""; NUM_PARTITIONS=""; KEY=""; DATA_DIR=""; TEACHER=""; PORT=9094; INSECURE=0
+SUPERLINK=""; PARTITION=""; NUM_PARTITIONS=""; KEY=""; DATA_DIR=""; STUDENT=""; TEACHER=""; CACHE=""
+PORT=9094; INSECURE=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --superlink) SUPERLINK="$2"; shift 2 ;;
@@ -31,7 +36,9 @@ while [[ $# -gt 0 ]]; do
         --key) KEY="$2"; shift 2 ;;
         --certs) CERTS="$2"; shift 2 ;;
         --data-dir) DATA_DIR="$2"; shift 2 ;;
+        --student-model) STUDENT="$2"; shift 2 ;;
         --teacher-path) TEACHER="$2"; shift 2 ;;
+        --cache-dir) CACHE="$2"; shift 2 ;;
         --port) PORT="$2"; shift 2 ;;
         --insecure) INSECURE=1; shift ;;
         *) usage ;;
@@ -41,7 +48,9 @@ done
 
 NODE_CONFIG="partition-id=$PARTITION num-partitions=$NUM_PARTITIONS"
 if [[ -n "$DATA_DIR" ]]; then NODE_CONFIG+=" data-dir=\"$(realpath "$DATA_DIR")\""; fi
+if [[ -n "$STUDENT" ]]; then NODE_CONFIG+=" student-model=\"$(realpath "$STUDENT")\""; fi
 if [[ -n "$TEACHER" ]]; then NODE_CONFIG+=" teacher-path=\"$(realpath "$TEACHER")\""; fi
+if [[ -n "$CACHE" ]]; then NODE_CONFIG+=" cache-dir=\"$(realpath -m "$CACHE")\""; fi
 
 ARGS=(--superlink "$SUPERLINK" --node-config "$NODE_CONFIG" --port "$PORT")
 if [[ $INSECURE -eq 1 ]]; then

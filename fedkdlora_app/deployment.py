@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -76,6 +77,39 @@ def netns_available() -> bool:
         return False
     check = subprocess.run([str(DEPLOY_DIR / "netns-hosts.sh"), "check"], capture_output=True, timeout=30)
     return check.returncode == 0
+
+
+def mount_namespaces_available() -> bool:
+    """True where a process can get a private view of the filesystem (`unshare --mount`, root)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    with tempfile.TemporaryDirectory() as probe:
+        check = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "probe", probe],
+            capture_output=True,
+            timeout=30,
+        )
+    return check.returncode == 0
+
+
+def with_hidden_paths(command: list[str], hidden: list[Path]) -> list[str]:
+    """`command` in a mount namespace of its own where each of `hidden` is an empty tmpfs.
+
+    That is how a host without the server's files looks: the paths exist, the files do
+    not. Mounts made there are private: nothing changes for any other process.
+    """
+    mounts = "".join(f"mount -t tmpfs -o size=1m fkl-hidden {shlex.quote(str(path))} && " for path in hidden)
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'{mounts}exec "$@"',
+        "sh",
+        *command,
+    ]
 
 
 def process_env(flwr_home: Path, marker: str = "") -> dict[str, str]:
@@ -342,6 +376,9 @@ class LocalDeployment:
     netns: bool = False
     connection: str = "fedkdlora"
     node_data_dirs: dict[int, Path] = field(default_factory=dict)  # node-config data-dir per SuperNode
+    # Private filesystems: each SuperNode sees none of these (the server's data, results, teacher)
+    # nor the other SuperNodes' data folders; None = every process sees the whole filesystem.
+    hidden_from_nodes: list[Path] | None = None
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     node_ids: dict[int, int] = field(default_factory=dict)
@@ -404,7 +441,11 @@ class LocalDeployment:
         if done.returncode != 0:
             raise DeploymentError(f"deploy/{args[0]} failed: {done.stdout[-500:]}{done.stderr[-500:]}")
 
-    def _spawn(self, name: str, command: list[str], namespace: str | None) -> ManagedProcess:
+    def _spawn(
+        self, name: str, command: list[str], namespace: str | None, hidden: list[Path] | None = None
+    ) -> ManagedProcess:
+        if hidden:
+            command = with_hidden_paths(command, hidden)
         if namespace is not None:
             command = ["ip", "netns", "exec", namespace, *command]
         log_path = self.logs_dir / f"{name}.log"
@@ -484,7 +525,10 @@ class LocalDeployment:
         command += ["--insecure"] if self.insecure else ["--certs", str(self.certs_dir), "--key", str(key)]
         if partition_id in self.node_data_dirs:
             command += ["--data-dir", str(self.node_data_dirs[partition_id])]
-        process = self._spawn(name or f"supernode-{index}", command, namespace if self.netns else None)
+        command += ["--cache-dir", str(self.node_cache_dir(index))]
+        process = self._spawn(
+            name or f"supernode-{index}", command, namespace if self.netns else None, self.hidden_for(index)
+        )
 
         def joined_or_exited() -> bool:
             return bool(re.search(r"SuperNode ID: \d+", process.log())) or not process.alive
@@ -493,6 +537,29 @@ class LocalDeployment:
         if match := re.search(r"SuperNode ID: (\d+)", process.log()):
             self.node_ids.setdefault(index, int(match.group(1)))
         return process
+
+    def node_cache_dir(self, index: int) -> Path:
+        """SuperNode `index`'s own cache (the shipped client-KD teacher), kept across its restarts."""
+        return self.work_dir / "node-cache" / f"node-{index}"
+
+    def hidden_for(self, index: int) -> list[Path] | None:
+        """What SuperNode `index` must not see: the server's files and the other nodes' data and caches."""
+        if self.hidden_from_nodes is None:
+            return None
+        others = [path for i, path in self.node_data_dirs.items() if i != index]
+        others += [self.node_cache_dir(i) for i in range(self.num_supernodes + 1) if i != index]
+        for path in others:
+            path.mkdir(parents=True, exist_ok=True)  # a mount point must exist
+        return [*self.hidden_from_nodes, *others]
+
+    def clientapps(self, index: int) -> list[psutil.Process]:
+        """SuperNode `index`'s running ClientApp processes (one per message in Flower 1.42)."""
+        procs = []
+        for proc in self.processes[f"supernode-{index}"].tree():
+            with contextlib.suppress(psutil.Error):
+                if any("flwr-clientapp" in part for part in proc.cmdline()):
+                    procs.append(proc)
+        return procs
 
     def supernode_id(self, process: ManagedProcess) -> int | None:
         """The node id a SuperNode's log reports (the last one, after restarts)."""
@@ -635,6 +702,11 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
             out = work_dir / "node-data" / f"node-{index}"
             deployment.node_data_dirs[index] = export_partition(config, index, args.supernodes, out)
         report["own_partitions"] = {i: str(d) for i, d in deployment.node_data_dirs.items()}
+    if args.private_filesystems:  # SuperNodes see neither the server's data nor its results
+        results_dir = Path(run_config["results-dir"])
+        results_dir.mkdir(parents=True, exist_ok=True)
+        deployment.hidden_from_nodes = [Path(run_config["data-dir"]), results_dir]
+        report["hidden_from_nodes"] = [str(path) for path in deployment.hidden_from_nodes]
     with deployment:
         try:
             report["superlink"] = deployment.superlink_address
@@ -671,6 +743,11 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
                 report["nodes_per_round"] = {
                     entry["round"]: sorted(int(n) for n in entry["communication"]["per_node"])
                     for entry in outcome.results["rounds"][1:]
+                }
+                report["round_seconds"] = {
+                    entry["round"]: round(entry["wall_seconds"], 1)
+                    for entry in outcome.results["rounds"][1:]
+                    if entry["wall_seconds"] is not None
                 }
         except BaseException:
             print(deployment.log_tails(), file=sys.stderr)
@@ -716,6 +793,11 @@ def main(argv: list[str] | None = None) -> int:
     scenario.add_argument("--kill", action="store_true", help="SIGKILL (a crash) instead of SIGTERM")
     scenario.add_argument(
         "--own-partitions", action="store_true", help="give each SuperNode a folder with only its partition"
+    )
+    scenario.add_argument(
+        "--private-filesystems",
+        action="store_true",
+        help="each SuperNode in a mount namespace where the server's data and results are empty (root)",
     )
     scenario.add_argument("--run-config", "-c", action="append", default=[])
     scenario.add_argument("--work-dir", type=Path, default=None)

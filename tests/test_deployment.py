@@ -1,9 +1,11 @@
 """Deployment engine end to end: real `flower-superlink` / `flower-supernode` processes.
 
 Every process is started through the deploy/ scripts (as on real hosts), each SuperNode
-holds only its own exported partition, and every wait is bounded. The lost-client test
-runs its SuperLink and SuperNodes in separate network namespaces where this machine
-allows it (root, `ip netns`, veth), else on loopback.
+holds only its own exported partition, and every wait is bounded. Where this machine
+allows it (root), each SuperNode runs in a mount namespace of its own in which the
+server's data, results and teacher folders and the other nodes' folders are empty: it
+sees only what its own host would hold. The lost-client and hung-client tests also run
+SuperLink and SuperNodes in separate network namespaces (else loopback).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import math
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,10 @@ from fedkdlora_app.deployment import (
     config_with,
     export_partition,
     lose_and_restore,
+    mount_namespaces_available,
     netns_available,
+    wait_for_train_messages,
+    wait_until,
 )
 from tests.conftest import GLUE_DIR
 
@@ -42,6 +48,7 @@ QUICK = {
     "data-dir": str(GLUE_DIR),
 }
 NETNS = netns_available()
+PRIVATE_FS = mount_namespaces_available()
 
 
 def marked_processes(marker: str) -> list[psutil.Process]:
@@ -62,20 +69,36 @@ def give_own_partitions(deployment: LocalDeployment, run_config: dict[str, Any])
         deployment.node_data_dirs[index] = export_partition(config, index, deployment.num_supernodes, out)
 
 
+def hide_the_servers_files(deployment: LocalDeployment, run_config: dict[str, Any]) -> None:
+    """On a SuperNode's host the run-config's data and results folders do not exist (issue 11)."""
+    if PRIVATE_FS:
+        deployment.hidden_from_nodes = [GLUE_DIR, Path(run_config["results-dir"])]
+        Path(run_config["results-dir"]).mkdir(parents=True, exist_ok=True)
+
+
 @dataclasses.dataclass
 class SecureRun:
     deployment: LocalDeployment
     intruder: ManagedProcess
     outcome: RunOutcome
+    lacking: RunOutcome  # a second run, of a task the nodes hold no data for
+    node_views: list[bool]  # per SuperNode: was the GLUE copy hidden from it (an empty folder)?
 
 
 @pytest.fixture(scope="module")
 def secure_run(tmp_path_factory) -> SecureRun:
-    """TLS + SuperNode authentication on loopback: 2 registered SuperNodes, 1 unregistered, 1 round."""
+    """TLS + SuperNode authentication on loopback: 2 registered SuperNodes, 1 unregistered, 1 round.
+
+    Each SuperNode has its own filesystem view: its exported partition, but neither the
+    GLUE copy the run-config's `data-dir` names nor the results folder, as on separate
+    hosts. Before issue 11 every ClientApp failed on the run-config's `data-dir`, and the
+    run still ended `completed`.
+    """
     work_dir = tmp_path_factory.mktemp("secure")
     run_config = {**QUICK, "results-dir": str(work_dir / "results"), "min-available-nodes": 2}
     deployment = LocalDeployment(work_dir, num_supernodes=2)
     give_own_partitions(deployment, run_config)
+    hide_the_servers_files(deployment, run_config)
     with deployment:
         try:
             for index in range(2):
@@ -85,11 +108,50 @@ def secure_run(tmp_path_factory) -> SecureRun:
                 2, partition_id=0, key=deployment.node_key(2), register=False, name="supernode-unregistered"
             )
             intruder.popen.wait(timeout=60)
+            node_views = [sees_no_glue(deployment.processes[f"supernode-{i}"]) for i in range(2)]
             outcome = deployment.run(run_config, timeout=400)
+            lacking = deployment.run({**run_config, "task": "sst2"}, timeout=400)
         except BaseException:
             print(deployment.log_tails())
             raise
-    return SecureRun(deployment, intruder, outcome)
+    return SecureRun(deployment, intruder, outcome, lacking, node_views)
+
+
+def sees_no_glue(process: ManagedProcess) -> bool:
+    """Whether the GLUE copy's folder is empty in the filesystem view of `process`'s SuperNode."""
+    supernode = next(p for p in process.tree() if any("flower-supernode" in part for part in p.cmdline()))
+    return not any(Path(f"/proc/{supernode.pid}/root{GLUE_DIR}").iterdir())
+
+
+def test_nodes_on_private_filesystems_train_on_their_own_data(secure_run: SecureRun) -> None:
+    """The run-config's data-dir exists only on the server; each node reads its own partition."""
+    if not PRIVATE_FS:
+        pytest.skip("mount namespaces unavailable here (needs root and unshare)")
+    outcome, deployment = secure_run.outcome, secure_run.deployment
+    assert secure_run.node_views == [True, True]  # the server's GLUE folder was empty for both nodes
+    assert any(GLUE_DIR.iterdir())  # ... and is not for the server
+    last = outcome.results["rounds"][-1]
+    assert outcome.status == "finished:completed", (outcome.details, deployment.log_tails())
+    assert last["failures"] == [] and last["aggregated_updates"] == 2
+    assert outcome.results["run"]["health"] == {"rounds": 1, "rounds_without_update": [], "failures": 0}
+
+
+def test_a_run_no_node_can_train_fails_naming_the_missing_file(secure_run: SecureRun) -> None:
+    """Every ClientApp lacks sst2 data: the run aggregated nothing, so it failed, and says why."""
+    lacking, node_dirs = secure_run.lacking, secure_run.deployment.node_data_dirs
+    assert lacking.status == "finished:failed", lacking.details
+    error = lacking.results["run"]["error"]
+    assert lacking.results["run"]["status"] == "failed"
+    assert error.startswith("NothingAggregatedError: no round aggregated a client update (1 round(s)): ")
+    assert f"node config 'data-dir' = '{node_dirs[0]}': no file" in error or (
+        f"node config 'data-dir' = '{node_dirs[1]}': no file" in error
+    )
+    [entry] = lacking.results["rounds"][1:]
+    node_ids = secure_run.deployment.node_ids
+    assert entry["aggregated_updates"] == 0
+    assert {("train", node_ids[0]), ("train", node_ids[1])} <= {
+        (f["stage"], f["node_id"]) for f in entry["failures"]
+    }
 
 
 def test_fedlora_completes_on_a_secure_deployment(secure_run: SecureRun) -> None:
@@ -193,4 +255,79 @@ def test_a_lost_supernode_does_not_stop_the_run(tmp_path: Path, netns: bool) -> 
     assert deployment.supernode_id(back) == lost_id
     assert "Receiving: evaluate message" in back.log()
     assert rounds[2]["clients"]["evaluate"]["num-examples"] == 64  # all four eval shards
+    assert marked_processes(deployment.marker) == []
+
+
+@pytest.mark.parametrize("netns", [pytest.param(NETNS, id="netns" if NETNS else "loopback")])
+def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teacher(
+    tmp_path: Path, netns: bool
+) -> None:
+    """FedKDLoRA with client KD on 3 SuperNodes with private filesystems, 2 rounds.
+
+    SuperNode 2's ClientApp is stopped (SIGSTOP: connected, but silent) as it gets round
+    1's train message: the round goes on with the other two after `round-timeout`, and
+    the failure is recorded under node 2. SuperNode 1 restarts after round 1 (its
+    `context.state` is gone) and trains round 2 with the teacher from its own cache: the
+    server does not ship it again.
+    """
+    timeout = 75.0
+    run_config = {
+        **QUICK,
+        "scheme": "fedkdlora",
+        "client-kd": True,
+        "num-server-rounds": 2,
+        "max-public-examples": 16,
+        "teacher-pretrain-epochs": 0,
+        "round-timeout": timeout,
+        "results-dir": str(tmp_path / "results"),
+        "min-available-nodes": 3,  # round 2 waits for the restarted node
+    }
+    hung, restarted = 2, 1
+    deployment = LocalDeployment(tmp_path, num_supernodes=3, netns=netns)
+    give_own_partitions(deployment, run_config)
+    hide_the_servers_files(deployment, run_config)
+    stopped_for: list[float] = []
+
+    def during(_run_id: int, _results_dir: Path) -> None:
+        wait_for_train_messages(deployment.processes[f"supernode-{hung}"], 1, 300)
+        clientapps = wait_until(f"SuperNode {hung}'s ClientApp", lambda: deployment.clientapps(hung), 60)
+        stopped = time.monotonic()
+        for proc in clientapps:
+            proc.suspend()
+        first = deployment.processes[f"supernode-{restarted}"]
+        # its round-1 train and evaluate replies are out: restart it between the rounds
+        wait_until("round 1's replies", lambda: first.log().count("Sent successfully") >= 2, 400)
+        deployment.stop_supernode(restarted)
+        deployment.start_supernode(restarted)
+        time.sleep(max(0.0, stopped + timeout + 5 - time.monotonic()))  # the server has given up on it
+        for proc in clientapps:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()
+        stopped_for.append(time.monotonic() - stopped)
+
+    with deployment:
+        try:
+            for index in range(3):
+                deployment.start_supernode(index)
+            outcome = deployment.run(run_config, timeout=600, during=during)
+            back = deployment.processes[f"supernode-{restarted}"]
+        except BaseException:
+            print(deployment.log_tails())
+            raise
+    ids = deployment.node_ids
+    assert outcome.status == "finished:completed", outcome.details
+    round1, round2 = outcome.results["rounds"][1:]
+    # the hung node: one recorded failure, and the round completed with the other two
+    assert [(f["stage"], f["node_id"], f["reason"]) for f in round1["failures"]] == [
+        ("train", ids[hung], f"no reply within round-timeout = {timeout} s")
+    ]
+    assert round1["aggregated_updates"] == 2 and round1["clients"]["train"]["num-examples"] == 2 * 32
+    assert round1["wall_seconds"] < timeout + 240  # one timeout, plus the round's own work
+    # the restarted node: same id, trained round 2 with its cached teacher; only the hung node,
+    # which never replied to a train message, is shipped the teacher again
+    assert deployment.supernode_id(back) == ids[restarted]
+    assert round2["failures"] == [] and round2["aggregated_updates"] == 3
+    per_node_teacher = round1["communication"]["down_bytes_teacher"] // 3
+    assert round2["communication"]["down_bytes_teacher"] == per_node_teacher
+    assert "Sent successfully" in back.log()
     assert marked_processes(deployment.marker) == []
