@@ -6,11 +6,12 @@ import json
 import os
 import re
 import shutil
+import time
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -21,6 +22,7 @@ from fedkdlora_app.aggregation import fit_rank
 from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import NodeRun, RunConfig
 from fedkdlora_app.data import cached_client_examples, make_loader
+from fedkdlora_app.devices import check_precision, pick_device, placement
 from fedkdlora_app.metrics import EvalCounts
 from fedkdlora_app.models import (
     build_student,
@@ -29,14 +31,19 @@ from fedkdlora_app.models import (
     load_tokenizer,
     shipped_state,
 )
-from fedkdlora_app.protocol import NO_TEACHER, TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY, TEACHER_ID_KEY
+from fedkdlora_app.protocol import (
+    NO_TEACHER,
+    PLACEMENT_KEY,
+    TEACHER_ARRAYS_KEY,
+    TEACHER_CONFIG_KEY,
+    TEACHER_ID_KEY,
+)
 from fedkdlora_app.seeding import client_seed
 from fedkdlora_app.training import (
     TrainResult,
     cross_entropy,
     distil_from,
     evaluate,
-    pick_device,
     train_epochs,
 )
 from fedkdlora_app.wire import from_wire, to_wire
@@ -92,12 +99,19 @@ def local_train(
     seed = client_seed(config.seed, server_round, partition_id)
     torch.manual_seed(seed)
     loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size, shuffle_seed=seed)
-    device = pick_device()
+    device = client_device(config)
     objective = cross_entropy
     if teacher is not None:
         objective = distil_from(teacher.to(device), config.kd_alpha, config.kd_temperature)
     result = train_epochs(
-        model, loader, config.learning_rate, config.local_epochs, device, objective, what="local training"
+        model,
+        loader,
+        config.learning_rate,
+        config.local_epochs,
+        device,
+        objective,
+        what="local training",
+        precision=config.precision,
     )
     return shipped_state(model, config), result
 
@@ -110,7 +124,14 @@ def local_evaluate(
     load_shipped_state(model, fit_rank(global_state, config.lora_r, config.lora_alpha), config)
     examples = cached_client_examples(config, partition_id, num_partitions, "eval")
     loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size)
-    return evaluate(model, loader, pick_device())
+    return evaluate(model, loader, client_device(config), config.precision)
+
+
+def client_device(config: RunConfig) -> torch.device:
+    """The device this client was given, checked against the run's `precision`."""
+    device = pick_device()
+    check_precision(config.precision, device)
+    return device
 
 
 @lru_cache(maxsize=1)
@@ -171,6 +192,7 @@ def _global_state(message: Message, config: RunConfig) -> dict[str, torch.Tensor
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    started = time.time()
     node = node_run_of(context)
     config = node.config
     server_round = int(message.content.config_records["config"]["server-round"])
@@ -181,13 +203,26 @@ def train(message: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {"num-examples": result.num_examples, "train-loss": result.mean_loss, "train-seconds": result.seconds}
     )
-    content = RecordDict({"arrays": to_wire(state, config.wire_dtype), "metrics": metrics})
+    content = RecordDict(
+        {
+            "arrays": to_wire(state, config.wire_dtype),
+            "metrics": metrics,
+            PLACEMENT_KEY: ConfigRecord(placement(client_device(config), started)),
+        }
+    )
     return Message(content=content, reply_to=message)
 
 
 @app.evaluate()
 def evaluate_global_model(message: Message, context: Context) -> Message:
+    started = time.time()
     node = node_run_of(context)
     global_state = _global_state(message, node.config)
     counts = local_evaluate(node.config, node.partition_id, node.num_partitions, global_state)
-    return Message(content=RecordDict({"metrics": MetricRecord(counts.metrics())}), reply_to=message)
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(counts.metrics()),
+            PLACEMENT_KEY: ConfigRecord(placement(client_device(node.config), started)),
+        }
+    )
+    return Message(content=content, reply_to=message)

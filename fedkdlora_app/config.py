@@ -19,6 +19,7 @@ PARTITIONINGS = ("seed", "iid", "dirichlet")
 LORA_AGGREGATIONS = ("naive", "svd")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 DP_CLIPPINGS = ("server", "client")
+PRECISIONS = ("float32", "bfloat16")
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -89,6 +90,7 @@ class RunConfig:
     dp_clipping: str
     resume_from: str
     round_timeout: float
+    precision: str
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], check_files: bool = True) -> RunConfig:
@@ -181,6 +183,7 @@ class RunConfig:
         _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
         _check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
         _check_choice("dp-clipping", self.dp_clipping, DP_CLIPPINGS)
+        _check_choice("precision", self.precision, PRECISIONS)
         for key, value, low in (
             ("num-server-rounds", self.num_server_rounds, 1),
             ("lora-r", self.lora_r, 1),

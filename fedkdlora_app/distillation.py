@@ -76,6 +76,7 @@ class ServerDistillation:
             self.device,
             linear_decay=True,
             what=f"round {server_round}: teacher training",
+            precision=config.precision,
         )
         terms = mutual_distill(
             self.student,
@@ -85,6 +86,7 @@ class ServerDistillation:
             config.kd_epochs,
             self.device,
             what=f"round {server_round}: mutual distillation",
+            precision=config.precision,
         )
         seconds = time.perf_counter() - started
         self.recorder.set_distillation(

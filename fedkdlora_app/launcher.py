@@ -109,7 +109,6 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     env.update(
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
     )
     return env
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
 from sklearn.metrics import confusion_matrix, matthews_corrcoef
+
+if TYPE_CHECKING:  # the learning code imports this module without Flower (bench/gpu_check.py)
+    from flwr.app import MetricRecord, RecordDict
 
 COUNT_KEYS = ("tn", "fp", "fn", "tp")
 
@@ -68,6 +71,8 @@ class EvalCounts:
 
 def aggregate_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Client evaluations combined by summing their counts (strategy's evaluate aggregator)."""
+    from flwr.app import MetricRecord
+
     parts = [EvalCounts.from_metrics(m) for record in records for m in record.metric_records.values()]
     total = EvalCounts(0.0, 0, 0, 0, 0)
     for part in sorted(parts, key=dataclasses.astuple):  # arrival order must not change the float sum
@@ -77,6 +82,8 @@ def aggregate_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) 
 
 def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Example-weighted mean training loss, total examples, slowest client's and all clients' seconds."""
+    from flwr.app import MetricRecord
+
     all_metrics = [m for record in records for m in record.metric_records.values()]
     weights = [int(m[weighted_by_key]) for m in all_metrics]
     total = sum(weights)

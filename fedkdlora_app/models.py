@@ -21,11 +21,12 @@ from peft import (
 )
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from fedkdlora_app.aggregation import LORA_A
 from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import RunConfig
 
 EMBEDDED_MODEL_NAME = "all-MiniLM-L6-v2"
+# How PEFT names a LoRA pair's factors in state-dict keys.
+LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
 # A fresh head's "newly initialised" load report and the weight-loading progress bar are
 # expected on every load; PEFT still calls a renamed transformers method.

@@ -14,3 +14,5 @@ TEACHER_ID_KEY = "client-kd-teacher"
 # In a ClientApp's error when it has neither the shipped teacher nor a local copy: the
 # server then ships the teacher again with that node's next train message.
 NO_TEACHER = "has no client-KD teacher"
+# In every ClientApp reply: where the client computed (`devices.placement`), for the results JSON.
+PLACEMENT_KEY = "placement"

@@ -35,6 +35,7 @@ ADDED_KEY_DEFAULTS = {
     "dp-clipping-norm": 1.0,
     "dp-clipping": "server",
     "round-timeout": 3600.0,
+    "precision": "float32",
 }
 
 
@@ -53,6 +54,15 @@ def run_name(config: RunConfig, started: datetime) -> str:
     """`<scheme>_<task>_<r8|full>_<UTC timestamp>`: sortable and self-describing."""
     rank = f"r{config.lora_r}" if config.uses_lora else "full"
     return f"{config.scheme}_{config.task}_{rank}_{started.strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def placement_summary(entry: dict[str, Any]) -> str:
+    """`cpu x2`, or `cuda x4 (GPU ids 0,1)`: where the round's training ran, for the log line."""
+    trained = [node["train"] for node in entry.get("placement", {}).values() if "train" in node]
+    devices = sorted({p["device"] for p in trained})
+    parts = [f"{device} x{sum(p['device'] == device for p in trained)}" for device in devices]
+    gpu_ids = sorted({gpu for p in trained for gpu in str(p["ray-gpu-ids"]).split(",") if gpu})
+    return ", ".join(parts) + (f" (GPU ids {','.join(gpu_ids)})" if gpu_ids else "")
 
 
 class RunRecorder:
@@ -183,6 +193,10 @@ class RunRecorder:
     def add_failure(self, server_round: int, stage: str, node_id: int, reason: str) -> None:
         self.round(server_round)["failures"].append({"stage": stage, "node_id": node_id, "reason": reason})
 
+    def set_placement(self, server_round: int, stage: str, node_id: int, placement: dict[str, Any]) -> None:
+        """Where node `node_id` computed this round's `stage` (`devices.placement`)."""
+        self.round(server_round).setdefault("placement", {}).setdefault(str(node_id), {})[stage] = placement
+
     def set_aggregated_updates(self, server_round: int, count: int) -> None:
         """How many client updates went into the round's aggregate (0: the global model stayed)."""
         self.round(server_round)["aggregated_updates"] = count
@@ -236,6 +250,8 @@ class RunRecorder:
             parts.append(f"{role} acc {metrics['accuracy']:.4f} loss {metrics['loss']:.4f}{mcc}")
         comm = entry["communication"]
         parts.append(f"up {comm['up_bytes'] / MB:.2f} MB down {comm['down_bytes'] / MB:.2f} MB")
+        if devices := placement_summary(entry):
+            parts.append(f"clients on {devices}")
         if entry["failures"]:
             parts.append(f"{len(entry['failures'])} failure(s)")
         parts.append(f"{entry['wall_seconds']:.1f} s")

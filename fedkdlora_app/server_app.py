@@ -13,6 +13,7 @@ from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.checkpoint import Checkpoint, capture_rng, restore_rng
 from fedkdlora_app.config import RunConfig, run_dir_of
 from fedkdlora_app.data import eval_split, load_split, loader_for, public_split, split_public
+from fedkdlora_app.devices import check_precision, pick_device
 from fedkdlora_app.distillation import ServerDistillation
 from fedkdlora_app.models import (
     base_model_dir,
@@ -32,7 +33,7 @@ from fedkdlora_app.strategy import (
     private_strategy,
 )
 from fedkdlora_app.teacher import save_teacher
-from fedkdlora_app.training import evaluate, pick_device
+from fedkdlora_app.training import evaluate
 from fedkdlora_app.wire import from_wire, to_wire
 
 app = ServerApp()
@@ -65,6 +66,7 @@ def run_federation(
     # Read train here too: a malformed file must stop the run before any client trains.
     _, client_pool = split_public(load_split(config, "train"), config.teacher_data_pct)
     device = pick_device()
+    check_precision(config.precision, device)
     # Distillation compares attention maps, which only the eager kernels return.
     student = build_student(config, attn_implementation="eager" if config.uses_teacher else None)
     eval_loader = loader_for(eval_split(config), config)
@@ -78,6 +80,7 @@ def run_federation(
         eval_examples=len(eval_loader.dataset),
         public_examples=len(public_split(config)),  # as used, after max-public-examples
         client_pool_examples=len(client_pool),
+        server_device=str(device),
     )
     if config.uses_dp:
         recorder.set_model_info(privacy=privacy_info(config))
@@ -97,9 +100,11 @@ def run_federation(
         server_round += offset
         global_state = from_wire(arrays, config.wire_dtype)
         load_shipped_state(student, global_state, config)
-        metrics = {"student": evaluate(student, eval_loader, device).metrics()}
+        metrics = {"student": evaluate(student, eval_loader, device, config.precision).metrics()}
         if distillation is not None:
-            metrics["teacher"] = evaluate(distillation.teacher, eval_loader, device).metrics()
+            metrics["teacher"] = evaluate(
+                distillation.teacher, eval_loader, device, config.precision
+            ).metrics()
         recorder.finish_round(server_round, metrics)
         teacher_state = (
             {k: v.cpu() for k, v in distillation.teacher.state_dict().items()} if distillation else None

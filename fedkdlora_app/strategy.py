@@ -30,7 +30,7 @@ from flwr.supercore.differential_privacy import compute_stdv
 from fedkdlora_app.aggregation import UpdateAggregator, lora_rank, update_problem
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.metrics import aggregate_evaluate_metrics, aggregate_train_metrics
-from fedkdlora_app.protocol import NO_TEACHER
+from fedkdlora_app.protocol import NO_TEACHER, PLACEMENT_KEY
 from fedkdlora_app.results import RunRecorder
 
 AfterAggregate = Callable[[int, ArrayRecord], ArrayRecord]
@@ -98,6 +98,7 @@ class TrackedFedAvg(FedAvg):
         accepted = []
         for reply in self.successful_replies(server_round, "train", list(replies)):
             node_id = reply.metadata.src_node_id
+            self._record_placement(server_round, "train", reply)
             self._nodes_served_once.add(node_id)  # it replied, so it got what it needed once
             records = reply.content.array_records
             if self.arrayrecord_key in records:
@@ -140,11 +141,18 @@ class TrackedFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
-        self.successful_replies(server_round, "evaluate", replies)
+        for reply in self.successful_replies(server_round, "evaluate", replies):
+            self._record_placement(server_round, "evaluate", reply)
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.recorder.set_client_metrics(server_round, "evaluate", dict(metrics))
         return metrics
+
+    def _record_placement(self, server_round: int, stage: str, reply: Message) -> None:
+        """Where the client computed (device, Ray's GPU ids, peak memory), as its reply says."""
+        record = reply.content.config_records.get(PLACEMENT_KEY)
+        if record is not None:
+            self.recorder.set_placement(server_round, stage, reply.metadata.src_node_id, dict(record))
 
     def _fit_to_node_ranks(self, messages: list[Message]) -> None:
         """Under svd, a node whose rank is known (from its last update) gets the global factors at it.

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import ConfigError, RunConfig, app_defaults
 from fedkdlora_app.data import eval_split, loader_for, public_split
+from fedkdlora_app.devices import pick_device
 from fedkdlora_app.models import (
     EMBEDDED_MODEL_NAME,
     ModelError,
@@ -29,7 +30,7 @@ from fedkdlora_app.models import (
     load_tokenizer,
 )
 from fedkdlora_app.seeding import seed_everything
-from fedkdlora_app.training import evaluate, pick_device, train_epochs
+from fedkdlora_app.training import evaluate, train_epochs
 
 TEACHER_INFO = "fedkdlora_teacher.json"
 
@@ -47,6 +48,7 @@ def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTraine
         device,
         linear_decay=True,
         what="teacher pre-training",
+        precision=config.precision,
     )
     info = {
         "task": config.task,
@@ -58,7 +60,7 @@ def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTraine
         "seed": config.seed,
         "train-loss": result.mean_loss,
         "train-seconds": result.seconds,
-        "dev": evaluate(teacher, loader_for(eval_split(config), config), device).metrics(),
+        "dev": evaluate(teacher, loader_for(eval_split(config), config), device, config.precision).metrics(),
     }
     return teacher, info
 

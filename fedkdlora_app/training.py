@@ -12,16 +12,12 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
+from fedkdlora_app.devices import autocast
 from fedkdlora_app.losses import client_kd_loss, mutual_kd_loss
 from fedkdlora_app.metrics import EvalCounts
 
 # (model, batch on device) -> scalar loss to minimise
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-
-
-def pick_device() -> torch.device:
-    """The GPU Ray assigned to this process, if any, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass(frozen=True)
@@ -72,6 +68,7 @@ def train_epochs(
     objective: Objective = cross_entropy,
     linear_decay: bool = False,
     what: str = "training",
+    precision: str = "float32",
 ) -> TrainResult:
     """AdamW on the trainable parameters; constant lr (FL clients) or linear decay."""
     model.to(device).train()
@@ -81,7 +78,8 @@ def train_epochs(
     for _ in range(epochs):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = objective(model, batch)
+            with autocast(device, precision):
+                loss = objective(model, batch)
             value = check_finite(loss, what)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -101,6 +99,7 @@ def mutual_distill(
     epochs: int,
     device: torch.device,
     what: str,
+    precision: str = "float32",
 ) -> dict[str, float]:
     """Train teacher and student together on the mutual KD loss; the last step's terms.
 
@@ -116,15 +115,16 @@ def mutual_distill(
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            student_out = student(**inputs, output_attentions=True)
-            teacher_out = teacher(**inputs, output_attentions=True)
-            step = mutual_kd_loss(
-                student_out.logits,
-                teacher_out.logits,
-                batch["labels"],
-                student_out.attentions,
-                teacher_out.attentions,
-            )
+            with autocast(device, precision):
+                student_out = student(**inputs, output_attentions=True)
+                teacher_out = teacher(**inputs, output_attentions=True)
+                step = mutual_kd_loss(
+                    student_out.logits,
+                    teacher_out.logits,
+                    batch["labels"],
+                    student_out.attentions,
+                    teacher_out.attentions,
+                )
             check_finite(step.loss, what)
             optimizer.zero_grad(set_to_none=True)
             step.loss.backward()
@@ -135,13 +135,16 @@ def mutual_distill(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> EvalCounts:
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader, device: torch.device, precision: str = "float32"
+) -> EvalCounts:
     """Summed cross-entropy and confusion counts over the loader's examples."""
     model.to(device).eval()
     loss_sum, labels, predictions = 0.0, [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        with autocast(device, precision):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
         labels.append(batch["labels"].cpu().numpy())
         predictions.append(logits.argmax(dim=-1).cpu().numpy())

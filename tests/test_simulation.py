@@ -25,10 +25,11 @@ QUICK = {
 }
 
 
-def simulate(results_dir: Path, **overrides: Any) -> tuple[int, dict[str, Any] | None]:
-    """Run the app; return the launcher's exit code and the run's results JSON."""
+def simulate(results_dir: Path, federation: str = "", **overrides: Any) -> tuple[int, dict[str, Any] | None]:
+    """Run the app (`federation`: --federation-config); return the exit code and the results JSON."""
     values = {**QUICK, "data-dir": str(GLUE_DIR), "results-dir": str(results_dir), **overrides}
-    code = launcher.main([str(REPO), "--run-config", launcher.format_overrides(values)])
+    argv = [str(REPO), "--run-config", launcher.format_overrides(values)]
+    code = launcher.main(argv + (["--federation-config", federation] if federation else []))
     files = sorted(results_dir.glob("*.json"))
     return code, (json.loads(files[-1].read_text()) if files else None)
 

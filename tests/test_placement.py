@@ -1,0 +1,110 @@
+"""Where clients compute: Ray's GPU assignment honoured, recorded per node, fractional GPUs packed right."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedkdlora_app.config import ConfigError
+from fedkdlora_app.devices import check_precision, pick_device, ray_gpu_ids
+from tests.conftest import REPO
+from tests.test_simulation import simulate
+
+
+def fake_ray(gpu_ids: list[int], worker: bool = True) -> types.ModuleType:
+    """What a Ray actor (a simulated ClientApp) sees of Ray: its mode and its assigned GPUs."""
+    ray = types.ModuleType("ray")
+    ray.WORKER_MODE, ray.SCRIPT_MODE = 1, 0
+    ray.is_initialized = lambda: True
+    mode = ray.WORKER_MODE if worker else ray.SCRIPT_MODE
+    ray.get_runtime_context = lambda: types.SimpleNamespace(worker=types.SimpleNamespace(mode=mode))
+    ray.get_gpu_ids = lambda: gpu_ids
+    return ray
+
+
+def test_a_client_ray_gave_no_gpu_computes_on_the_cpu_even_where_gpus_exist(monkeypatch) -> None:
+    """Before: every client saw all GPUs (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0) and took GPU 0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray([]))
+    assert ray_gpu_ids() == [] and pick_device() == torch.device("cpu")
+    monkeypatch.setitem(sys.modules, "ray", fake_ray([2]))
+    assert ray_gpu_ids() == ["2"] and pick_device() == torch.device("cuda")  # Ray's CUDA_VISIBLE_DEVICES
+    monkeypatch.setitem(sys.modules, "ray", fake_ray([], worker=False))  # the simulation's ServerApp
+    assert ray_gpu_ids() is None and pick_device() == torch.device("cuda")
+
+
+def test_the_launcher_leaves_ray_hiding_gpus_from_clients_given_none(tmp_path: Path) -> None:
+    from fedkdlora_app.launcher import flwr_env
+
+    assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in flwr_env(tmp_path)
+
+
+def test_bfloat16_where_the_device_lacks_it_is_one_line_naming_the_key() -> None:
+    check_precision("float32", torch.device("cpu"))
+    with pytest.raises(ConfigError) as error:
+        check_precision("bfloat16", torch.device("cpu"))
+    assert str(error.value) == (
+        "run-config key 'precision' = 'bfloat16': needs a CUDA device with bfloat16 support; "
+        "this process computes on cpu"
+    )
+
+
+def test_eight_clients_at_half_a_gpu_cover_four_logical_gpus_two_at_a_time(tmp_path: Path) -> None:
+    """The fractional-GPU profile, on CPU: Ray is told of 4 GPUs it does not have.
+
+    8 SuperNodes at 0.5 GPU: every client is given one GPU id, the 4 ids are all used,
+    and no id ever serves more clients at once than 1 / 0.5 = 2. The results JSON says so.
+    """
+    federation = (
+        "num-supernodes=8 init-args-num-cpus=8 init-args-num-gpus=4 "
+        "client-resources-num-cpus=1 client-resources-num-gpus=0.5"
+    )
+    code, results = simulate(
+        tmp_path,
+        federation,
+        scheme="fedlora",
+        **{
+            "num-server-rounds": 1,
+            "max-train-examples-per-client": 8,
+            "max-eval-examples": 16,
+            "batch-size": 8,
+            "min-available-nodes": 8,
+        },
+    )
+    assert code == 0, results and results["run"]["error"]
+    placement = results["rounds"][1]["placement"]
+    assert len(placement) == 8 and all(set(stages) == {"train", "evaluate"} for stages in placement.values())
+    spans = defaultdict(list)
+    for stages in placement.values():
+        for where in stages.values():
+            assert where["device"] == "cpu"  # no CUDA here: Ray's logical GPUs are ids only
+            assert where["ray-gpu-ids"] in {"0", "1", "2", "3"}
+            assert (
+                where["cuda-visible-devices"] == where["ray-gpu-ids"]
+            )  # Ray's assignment, as the process sees it
+            spans[where["ray-gpu-ids"]].append((where["started"], where["finished"]))
+    assert set(spans) == {"0", "1", "2", "3"}
+    for gpu, intervals in spans.items():
+        events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+        running = peak = 0
+        for _, change in events:
+            running += change
+            peak = max(peak, running)
+        assert peak <= 2, (gpu, intervals)
+    assert results["model"]["server_device"] == "cpu"
+
+
+def test_the_learning_code_imports_without_flower_or_ray() -> None:
+    """bench/gpu_check.py runs it on a GPU machine that has torch, transformers and peft only."""
+    blocked = "import sys; sys.modules.update(flwr=None, ray=None); "
+    modules = (
+        "import fedkdlora_app.training, fedkdlora_app.models, fedkdlora_app.losses, fedkdlora_app.devices"
+    )
+    done = subprocess.run([sys.executable, "-c", blocked + modules], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
