@@ -135,7 +135,8 @@ def load_split(config: RunConfig, split: str) -> datasets.Dataset:
     except Exception as error:  # the hub raises many types; the user needs one message
         raise DataError(
             f"could not load {HUB_DATASET}/{config.task} from the Hugging Face hub ({error}); "
-            "offline, set run-config key 'data-dir' to a folder with <task>/train.tsv and dev.tsv"
+            "offline, datasets reads only what a networked load_dataset left in HF_DATASETS_CACHE; "
+            "else set run-config key 'data-dir' to a folder with <task>/train.tsv and dev.tsv"
         ) from error
     dataset = dataset.select_columns(["sentence", "label", "idx"])
     features = glue_features(config.task)
