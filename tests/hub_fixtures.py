@@ -21,6 +21,7 @@ from pathlib import Path
 import datasets
 import huggingface_hub.constants
 import pytest
+import torch
 from datasets.data_files import DataFilesDict
 from datasets.load import configure_builder_class
 from datasets.packaged_modules.parquet.parquet import Parquet, ParquetConfig
@@ -124,3 +125,48 @@ def go_offline(monkeypatch: pytest.MonkeyPatch, hub_cache: Path, datasets_cache:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", datasets_cache)
+
+
+# The original pairing's shapes with few hidden units: same layer counts and module names
+# as bert-base-uncased (12 layers) and distilbert-base-uncased (6), same uncased vocabulary.
+TINY_WIDTH = {"hidden": 64, "heads": 4, "intermediate": 128}
+
+
+def write_bert_pair(out_dir: Path, tokenizer_source: str = "") -> tuple[Path, Path]:
+    """(12-layer BERT folder, 6-layer DistilBERT folder), random weights, the MiniLM tokenizer.
+
+    Saved as the hub checkpoints are, with their pre-training heads (BERT: pooler, MLM and
+    NSP heads; DistilBERT: MLM head), so a sequence classifier built from them gets a
+    freshly initialised head (DistilBERT: `pre_classifier` + `classifier`), as on the hub.
+    """
+    from transformers import BertConfig, BertForPreTraining, DistilBertConfig, DistilBertForMaskedLM
+
+    from fedkdlora_app.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_source)
+    torch.manual_seed(0)
+    bert = BertForPreTraining(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=TINY_WIDTH["hidden"],
+            num_hidden_layers=12,
+            num_attention_heads=TINY_WIDTH["heads"],
+            intermediate_size=TINY_WIDTH["intermediate"],
+        )
+    )
+    distilbert = DistilBertForMaskedLM(
+        DistilBertConfig(
+            vocab_size=tokenizer.vocab_size,
+            dim=TINY_WIDTH["hidden"],
+            n_layers=6,
+            n_heads=TINY_WIDTH["heads"],
+            hidden_dim=TINY_WIDTH["intermediate"],
+        )
+    )
+    folders = []
+    for name, model in (("bert-12", bert), ("distilbert-6", distilbert)):
+        folder = out_dir / name
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders.append(folder)
+    return folders[0], folders[1]

@@ -12,17 +12,39 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fedkdlora_app import data
-from fedkdlora_app.data import DataError, client_train_partition, eval_split, load_split, split_public
-from fedkdlora_app.models import build_student, load_classifier, load_saved_student, load_tokenizer
-from fedkdlora_app.training import evaluate
+from fedkdlora_app.data import (
+    DataError,
+    TokenizedDataset,
+    client_train_partition,
+    eval_split,
+    load_split,
+    loader_for,
+    make_loader,
+    public_split,
+    split_public,
+)
+from fedkdlora_app.losses import attention_layer_map, attention_mse
+from fedkdlora_app.models import (
+    build_student,
+    load_classifier,
+    load_saved_student,
+    load_tokenizer,
+    shipped_state,
+)
+from fedkdlora_app.strategy import payload_bytes, payload_params
+from fedkdlora_app.training import evaluate, mutual_distill
 from tests.conftest import GLUE_DIR, make_config
 from tests.hub_fixtures import (
     HUB_MODEL_ID,
     go_offline,
     hub_features,
     prepare_glue_cache,
+    write_bert_pair,
     write_glue_snapshot,
     write_model_snapshot,
 )
@@ -120,7 +142,126 @@ def test_a_run_reads_hub_glue_and_a_hub_model_id_offline(offline, tmp_path) -> N
     assert clients["evaluate"]["num-examples"] == 64
     # the saved student, scored on the TSV path's examples, reproduces what the run reported
     model = load_saved_student(Path(results["artifacts"]["student"]))
-    metrics = evaluate(model, data.loader_for(eval_split(tsv), tsv), model.device).metrics()
+    metrics = evaluate(model, loader_for(eval_split(tsv), tsv), model.device).metrics()
     reported = results["rounds"][-1]["server"]["student"]
     assert metrics["accuracy"] == reported["accuracy"] and math.isfinite(reported["loss"])
     assert metrics["loss"] == pytest.approx(reported["loss"], rel=1e-5)
+
+
+# --- the original pairing's shapes: 12-layer BERT teacher, 6-layer DistilBERT student ---
+
+PAIR_RUN = {
+    "scheme": "fedkdlora",
+    "task": "cola",
+    "num-server-rounds": 1,
+    "student-layers": 0,
+    "max-public-examples": 32,
+    "teacher-pretrain-epochs": 1,
+    "max-train-examples-per-client": 32,
+    "max-eval-examples": 64,
+    "batch-size": 16,
+}
+DISTILBERT_HEAD = ("pre_classifier", "classifier")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(12-layer BERT folder, 6-layer DistilBERT folder), tiny widths."""
+    return write_bert_pair(tmp_path_factory.mktemp("pair"))
+
+
+def _pair_config(pair: tuple[Path, Path], **overrides):
+    bert, distilbert = pair
+    values = {**PAIR_RUN, "teacher-base-model": str(bert), "student-model": str(distilbert)}
+    return make_config(**{**values, **overrides})
+
+
+def test_lora_lands_on_distilbert_q_lin_v_lin_and_the_whole_head_trains_and_travels(pair) -> None:
+    config = _pair_config(pair)
+    student = build_student(config, attn_implementation="eager")
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    adapted = {n.split(".attention.")[1].split(".")[0] for n in trainable if "lora_" in n}
+    assert adapted == {"q_lin", "v_lin"}
+    assert len([n for n in trainable if "lora_" in n]) == 6 * 2 * 2  # layers x (q, v) x (A, B)
+    head = {n for n in trainable if "lora_" not in n}
+    assert {n.split(".")[2] for n in head} == set(DISTILBERT_HEAD), head  # both head layers, nothing else
+    shipped = shipped_state(student, config)
+    assert {k for k in shipped if "lora_" not in k} == {
+        f"base_model.model.{m}.{p}" for m in DISTILBERT_HEAD for p in ("weight", "bias")
+    }
+    hidden, r = 64, config.lora_r
+    lora_params = 6 * 2 * (r * hidden + hidden * r)
+    head_params = hidden * hidden + hidden + hidden * 2 + 2
+    assert sum(t.numel() for t in shipped.values()) == lora_params + head_params
+    assert payload_params(ArrayRecord(shipped)) == lora_params + head_params
+
+
+def test_distilbert_student_distils_from_the_12_layer_bert_through_the_6_to_12_map(pair) -> None:
+    config = _pair_config(pair)
+    torch.manual_seed(0)
+    student = build_student(config, attn_implementation="eager")
+    teacher = load_classifier(config.teacher_base_model, 2, attn_implementation="eager")
+    loader = loader_for(public_split(config).select(range(8)), config)  # one batch: one step
+    batch = {k: v for k, v in next(iter(loader)).items() if k != "labels"}
+    student.eval(), teacher.eval()
+    with torch.no_grad():
+        s_att = student(**batch, output_attentions=True).attentions
+        t_att = teacher(**batch, output_attentions=True).attentions
+    assert (len(s_att), len(t_att)) == (6, 12) and s_att[0].shape == t_att[0].shape
+    assert attention_layer_map(12, 6) == [1, 3, 5, 7, 9, 11]
+    by_hand = torch.stack([F.mse_loss(s_att[i], t_att[2 * i + 1]) for i in range(6)]).mean()
+    assert attention_mse(s_att, t_att) == by_hand
+    assert by_hand != torch.stack([F.mse_loss(s_att[i], t_att[2 * i]) for i in range(6)]).mean()
+
+    before = {k: v.clone() for k, v in shipped_state(student, config).items()}
+    terms = mutual_distill(student, teacher, loader, 1e-3, 1, torch.device("cpu"), "test")
+    assert math.isfinite(terms["attention-mse"]) and terms["attention-mse"] > 0
+    after = shipped_state(student, config)
+    for module in ("pre_classifier", "classifier", "q_lin.lora_B", "v_lin.lora_B"):
+        assert any(not torch.equal(before[k], after[k]) for k in before if f"{module}." in k), module
+
+
+def test_student_layers_6_from_the_12_layer_bert_keeps_every_other_layer_exactly(pair) -> None:
+    bert, _ = pair
+    full = load_classifier(str(bert), 2).state_dict()
+    student = load_classifier(str(bert), 2, num_layers=6)
+    assert student.config.num_hidden_layers == 6 and len(student.bert.encoder.layer) == 6
+    state = student.state_dict()
+    for kept, original in enumerate([0, 2, 4, 6, 8, 10]):
+        keys = [k for k in state if k.startswith(f"bert.encoder.layer.{kept}.")]
+        assert len(keys) == 16
+        for key in keys:
+            source = key.replace(f"layer.{kept}.", f"layer.{original}.", 1)
+            assert torch.equal(state[key], full[source]), key
+    config = make_config(scheme="fedlora", **{"student-model": str(bert), "student-layers": 6})
+    lora = build_student(config)
+    adapted = {n.rsplit(".lora_", 1)[0].rsplit(".", 1)[1] for n, _ in lora.named_parameters() if "lora_" in n}
+    assert adapted == {"query", "value"} and lora.config.num_hidden_layers == 6
+
+
+def test_bert_to_distilbert_fedkdlora_round(pair, tmp_path) -> None:
+    """1 round of the original pairing; the saved adapter reloads as the README says."""
+    bert, distilbert = pair
+    code, results = simulate(
+        tmp_path, **{**PAIR_RUN, "teacher-base-model": str(bert), "student-model": str(distilbert)}
+    )
+    assert code == 0, results and results["run"]["error"]
+    assert results["model"]["student_layers"] == 6
+    terms = results["rounds"][1]["distillation"]["last-step"]
+    assert math.isfinite(terms["attention-mse"]) and terms["attention-mse"] > 0
+    config = _pair_config(pair, **{"results-dir": str(tmp_path)})
+    expected = shipped_state(build_student(config, attn_implementation="eager"), config)
+    assert results["model"]["shipped_bytes_per_message"] == payload_bytes(ArrayRecord(expected))
+    assert results["rounds"][1]["communication"]["up_bytes"] == 2 * payload_bytes(ArrayRecord(expected))
+
+    student_dir = Path(results["artifacts"]["student"])
+    peft_config = PeftConfig.from_pretrained(student_dir)  # the README's snippet
+    base = AutoModelForSequenceClassification.from_pretrained(peft_config.base_model_name_or_path)
+    model = PeftModel.from_pretrained(base, student_dir)
+    assert type(base).__name__ == "DistilBertForSequenceClassification"
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    examples = TokenizedDataset(eval_split(config), tokenizer, config.max_seq_length)
+    metrics = evaluate(model, make_loader(examples, tokenizer, config.batch_size), model.device)
+    reported = results["rounds"][-1]["server"]["student"]
+    assert metrics.metrics()["accuracy"] == reported["accuracy"]
+    assert metrics.metrics()["loss"] == pytest.approx(reported["loss"], rel=1e-5)
