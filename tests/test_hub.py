@@ -51,6 +51,14 @@ from tests.hub_fixtures import (
 from tests.test_simulation import simulate
 
 TASKS = ("cola", "sst2")
+HUB_FIRST_ROW = {
+    "cola": {
+        "sentence": "Our friends won't buy this analysis, let alone the next one we propose.",
+        "label": 1,
+        "idx": 0,
+    },
+    "sst2": {"sentence": "hide new secretions from the parental units ", "label": 0, "idx": 0},
+}
 # The networked recipe's model ids; offline, tiny stand-ins of the same shapes answer to them.
 TEACHER_ID, STUDENT_ID = "bert-base-uncased", "distilbert-base-uncased"
 
@@ -98,6 +106,8 @@ def test_hub_and_tsv_splits_are_the_same_examples_with_one_schema(offline, task:
         # one schema whatever the source: the hub's (ClassLabel names, int32 idx)
         assert hub.features == tsv.features == hub_features(task)
         assert hub.to_dict() == tsv.to_dict()  # same sentences (SST-2's trailing space too), labels, order
+    # the hub's own first training row, as its users print it (not made from our files)
+    assert load_split(make_config(task=task), "train")[0] == HUB_FIRST_ROW[task]
 
 
 @pytest.mark.parametrize("partitioning", ["seed", "iid", "dirichlet"])
