@@ -7,6 +7,7 @@ through the app's real code (`data-dir = ""`, `student-model = "<org>/<name>"`).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -37,8 +38,10 @@ from fedkdlora_app.models import (
     shipped_state,
 )
 from fedkdlora_app.strategy import payload_bytes, payload_params
+from fedkdlora_app.teacher import TEACHER_INFO
+from fedkdlora_app.teacher import main as pretrain_main
 from fedkdlora_app.training import evaluate, mutual_distill
-from tests.conftest import GLUE_DIR, make_config
+from tests.conftest import GLUE_DIR, REPO, make_config
 from tests.hub_fixtures import (
     HUB_MODEL_ID,
     go_offline,
@@ -267,3 +270,15 @@ def test_the_networked_recipe_runs_offline_bert_to_distilbert_on_hub_glue(offlin
     reported = results["rounds"][-1]["server"]["student"]
     assert metrics["accuracy"] == reported["accuracy"] and metrics["mcc"] == pytest.approx(reported["mcc"])
     assert metrics["loss"] == pytest.approx(reported["loss"], rel=1e-5)
+
+
+def test_pretrain_command_reads_hub_glue_when_data_dir_is_empty(offline, tmp_path, capsys) -> None:
+    """`--data-dir ''` means the hub, as in the run-config; the 12-layer BERT teacher by hub id."""
+    out = tmp_path / "teacher"
+    argv = ["--app", str(REPO), "--task", "cola", "--data-dir", "", "--base-model", TEACHER_ID]
+    argv += ["--epochs", "1", "--max-public-examples", "16", "--max-eval-examples", "16", "--out", str(out)]
+    code = pretrain_main(argv)
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((out / TEACHER_INFO).read_text())
+    assert info["base-model"] == TEACHER_ID and info["public-examples"] == 16
+    assert info["dev"]["num-examples"] == 16
