@@ -156,10 +156,10 @@ PAIR_RUN = {
     "task": "cola",
     "num-server-rounds": 1,
     "student-layers": 0,
-    "max-public-examples": 32,
+    "max-public-examples": 16,
     "teacher-pretrain-epochs": 1,
-    "max-train-examples-per-client": 32,
-    "max-eval-examples": 64,
+    "max-train-examples-per-client": 16,
+    "max-eval-examples": 32,
     "batch-size": 16,
 }
 DISTILBERT_HEAD = ("pre_classifier", "classifier")
@@ -247,11 +247,11 @@ def test_the_networked_recipe_runs_offline_bert_to_distilbert_on_hub_glue(offlin
     tsv = _pair_config(pair, **{"results-dir": str(tmp_path)})
     _, pool = split_public(load_split(tsv, "train"), tsv.teacher_data_pct)
     assert results["model"]["client_pool_examples"] == len(pool) == 6841
-    assert results["model"]["eval_examples"] == len(eval_split(tsv)) == 64
-    assert results["teacher"]["public-examples"] == len(public_split(tsv)) == 32
+    assert results["model"]["eval_examples"] == len(eval_split(tsv)) == 32
+    assert results["teacher"]["public-examples"] == len(public_split(tsv)) == 16
     clients = results["rounds"][1]["clients"]
     assert clients["train"]["num-examples"] == sum(len(client_train_partition(tsv, i, 2)) for i in range(2))
-    assert clients["evaluate"]["num-examples"] == 64
+    assert clients["evaluate"]["num-examples"] == 32
     terms = results["rounds"][1]["distillation"]["last-step"]
     assert math.isfinite(terms["attention-mse"]) and terms["attention-mse"] > 0
     # the student ships adapter + head only, each way
