@@ -25,6 +25,8 @@ from fedkdlora_app.config import RunConfig
 from fedkdlora_app.models import load_tokenizer
 
 HUB_DATASET = "nyu-mll/glue"
+# nyu-mll/glue's label names; both sources give its schema, so nothing downstream can tell them apart.
+GLUE_LABEL_NAMES = {"cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"]}
 
 # Column layout of the GLUE release files (see the data folder's SOURCES.md).
 _TSV_LAYOUT = {
@@ -40,6 +42,17 @@ PARTITION_KEYS = (
     "task", "teacher-data-pct", "partitioning", "dirichlet-alpha", "seed",
     "max-train-examples-per-client", "max-eval-examples",
 )  # fmt: skip
+
+
+def glue_features(task: str) -> datasets.Features:
+    """The hub's schema for a GLUE single-sentence task: sentence, ClassLabel label, int32 idx."""
+    return datasets.Features(
+        {
+            "sentence": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=GLUE_LABEL_NAMES[task]),
+            "idx": datasets.Value("int32"),
+        }
+    )
 
 
 class DataError(ValueError):
@@ -76,6 +89,9 @@ def own_partition(
 def read_glue_tsv(path: Path, task: str) -> datasets.Dataset:
     """Read one GLUE TSV into a Dataset: `sentence`, `label`, `idx` (row number in the file).
 
+    The schema is the hub's (`glue_features`), as is the content: the hub's rows are
+    these files' rows, in file order, text unchanged.
+
     A malformed file is an error naming the file and its first bad line: a silently
     dropped or mislabelled row would change every number the run reports.
     """
@@ -105,7 +121,7 @@ def read_glue_tsv(path: Path, task: str) -> datasets.Dataset:
             raise DataError(f"{path}, line {row + first_line}: {problem} ({int(mask.sum())} such row(s))")
     frame = frame[["sentence", "label"]].astype({"label": "int64"})
     frame["idx"] = range(len(frame))
-    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+    return datasets.Dataset.from_pandas(frame, features=glue_features(task), preserve_index=False)
 
 
 @lru_cache(maxsize=8)
@@ -119,9 +135,12 @@ def load_split(config: RunConfig, split: str) -> datasets.Dataset:
     except Exception as error:  # the hub raises many types; the user needs one message
         raise DataError(
             f"could not load {HUB_DATASET}/{config.task} from the Hugging Face hub ({error}); "
-            "offline, set run-config key 'data-dir' to a folder with <task>/train.tsv and dev.tsv"
+            "offline, datasets reads only what a networked load_dataset left in HF_DATASETS_CACHE; "
+            "else set run-config key 'data-dir' to a folder with <task>/train.tsv and dev.tsv"
         ) from error
-    return dataset.select_columns(["sentence", "label", "idx"])
+    dataset = dataset.select_columns(["sentence", "label", "idx"])
+    features = glue_features(config.task)
+    return dataset if dataset.features == features else dataset.cast(features)
 
 
 def split_public(

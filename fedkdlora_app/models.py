@@ -115,15 +115,25 @@ def check_same_tokenizer(student_name: str, teacher_name: str, teacher_key: str)
         )
 
 
-def lora_config(config: RunConfig) -> LoraConfig:
-    """PEFT LoRA for sequence classification; the head travels via modules_to_save."""
+# Query and value projections of architectures PEFT has no default for (PEFT 0.21 knows
+# bert, roberta... but not distilbert, the original FedKDLoRA student).
+QUERY_VALUE_MODULES = {"distilbert": ["q_lin", "v_lin"]}
+
+
+def lora_config(config: RunConfig, model_type: str) -> LoraConfig:
+    """PEFT LoRA for sequence classification; the head travels via modules_to_save.
+
+    PEFT's SEQ_CLS default saves modules whose name ends in `classifier` or `score`:
+    BERT's `classifier`, and DistilBERT's `pre_classifier` + `classifier`, its whole head.
+    """
     targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=targets or None,  # None: PEFT's query/value default per model type
+        # None: PEFT's query/value default for the model type
+        target_modules=targets or QUERY_VALUE_MODULES.get(model_type),
     )
 
 
@@ -137,7 +147,7 @@ def build_student(config: RunConfig, attn_implementation: str | None = None) -> 
         config.student_model, config.num_labels, config.student_layers, attn_implementation
     )
     if config.uses_lora:
-        model = get_peft_model(model, lora_config(config))
+        model = get_peft_model(model, lora_config(config, model.config.model_type))
         if config.lora_freeze_a:
             for name, parameter in model.named_parameters():
                 if LORA_A in name:

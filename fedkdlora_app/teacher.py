@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         values = app_defaults(args.app)
         for name, value in vars(args).items():
             if name not in ("out", "app") and value is not None:
-                values[name.replace("_", "-")] = str(Path(value).resolve()) if name == "data_dir" else value
+                # `--data-dir ''` is the hub, as in the run-config; a folder is taken from the cwd
+                is_folder = name == "data_dir" and value
+                values[name.replace("_", "-")] = str(Path(value).resolve()) if is_folder else value
         config = RunConfig.from_mapping({**values, "scheme": "fedkdlora", "teacher-model": ""})
         seed_everything(config.seed)
         teacher, info = pretrain_teacher(config, pick_device())
