@@ -74,7 +74,7 @@ def classifier(layers: int, eager: bool = False) -> torch.nn.Module:
 
 def student(config: RunConfig, lora: bool, eager: bool = False) -> torch.nn.Module:
     model = classifier(config.student_layers, eager)
-    return get_peft_model(model, lora_config(config)) if lora else model
+    return get_peft_model(model, lora_config(config, model.config.model_type)) if lora else model
 
 
 def synthetic_loader(size: dict[str, int], seed: int = 0) -> DataLoader:
