@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import subprocess
 import sys
 import types
@@ -55,11 +57,15 @@ def test_bfloat16_where_the_device_lacks_it_is_one_line_naming_the_key() -> None
     )
 
 
-def test_eight_clients_at_half_a_gpu_cover_four_logical_gpus_two_at_a_time(tmp_path: Path) -> None:
+def test_eight_clients_at_half_a_gpu_over_four_logical_gpus_two_at_a_time(tmp_path: Path) -> None:
     """The fractional-GPU profile, on CPU: Ray is told of 4 GPUs it does not have.
 
-    8 SuperNodes at 0.5 GPU: every client is given one GPU id, the 4 ids are all used,
-    and no id ever serves more clients at once than 1 / 0.5 = 2. The results JSON says so.
+    8 SuperNodes at 0.5 GPU: Ray packs 8 actors two per GPU id, every client computes
+    with exactly one id (as CUDA_VISIBLE_DEVICES), and no id ever serves more clients
+    at once than 1 / 0.5 = 2. Flower 1.42's simulation feeds its actors from a thread
+    pool of os.cpu_count() + 4 workers, and reuses the most recently freed actor first:
+    at most that many actors ever work, so on 2 cores (6 workers) the two actors of one
+    GPU id stay idle. The ids used are therefore all 4 from 4 cores on, 3 here.
     """
     federation = (
         "num-supernodes=8 init-args-num-cpus=8 init-args-num-gpus=4 "
@@ -80,17 +86,18 @@ def test_eight_clients_at_half_a_gpu_cover_four_logical_gpus_two_at_a_time(tmp_p
     assert code == 0, results and results["run"]["error"]
     placement = results["rounds"][1]["placement"]
     assert len(placement) == 8 and all(set(stages) == {"train", "evaluate"} for stages in placement.values())
-    spans = defaultdict(list)
+    spans, actors = defaultdict(list), defaultdict(set)
     for stages in placement.values():
         for where in stages.values():
             assert where["device"] == "cpu"  # no CUDA here: Ray's logical GPUs are ids only
             assert where["ray-gpu-ids"] in {"0", "1", "2", "3"}
-            assert (
-                where["cuda-visible-devices"] == where["ray-gpu-ids"]
-            )  # Ray's assignment, as the process sees it
+            assert where["cuda-visible-devices"] == where["ray-gpu-ids"]  # as the process sees it
             spans[where["ray-gpu-ids"]].append((where["started"], where["finished"]))
-    assert set(spans) == {"0", "1", "2", "3"}
+            actors[where["ray-gpu-ids"]].add(where["pid"])
+    working_actors = min(8, (os.cpu_count() or 1) + 4)
+    assert len(spans) >= min(4, math.ceil(working_actors / 2)), dict(actors)
     for gpu, intervals in spans.items():
+        assert len(actors[gpu]) <= 2, (gpu, actors[gpu])  # at most two actors hold half of it
         events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
         running = peak = 0
         for _, change in events:
