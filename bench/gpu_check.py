@@ -134,7 +134,7 @@ def _client_process(rank: int, barrier: Any, results: Any, device_name: str, siz
     config, device = run_config(), torch.device(device_name)
     model, loader = student(config, True), synthetic_loader(size, seed=rank)
     train_epochs(model, loader, config.lora_client_lr, 1, device)  # warm-up
-    barrier.wait()
+    barrier.wait(timeout=600)
     started = time.perf_counter()
     train_epochs(model, loader, config.lora_client_lr, 1, device)
     if device.type == "cuda":
@@ -152,9 +152,11 @@ def shared_device(device: torch.device, size: dict, processes: int) -> dict:
     ]
     for worker in workers:
         worker.start()
-    spans = [results.get(timeout=600) for _ in workers]
     for worker in workers:
-        worker.join()
+        worker.join(timeout=900)
+    if any(worker.exitcode != 0 for worker in workers):
+        raise RuntimeError(f"client processes ended with {[worker.exitcode for worker in workers]}")
+    spans = [results.get(timeout=10) for _ in workers]
     wall = max(end for _, _, end in spans) - min(start for _, start, _ in spans)
     return {"processes": processes, "examples_per_s": processes * size["examples"] / wall, "seconds": wall}
 
