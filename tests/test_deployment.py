@@ -37,6 +37,7 @@ from fedkdlora_app.deployment import (
     wait_until,
 )
 from tests.conftest import GLUE_DIR
+from tests.hub_fixtures import write_bert_pair
 
 QUICK = {
     "scheme": "fedlora",
@@ -270,13 +271,15 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
     is in (its `context.state` is gone) and trains round 2 with the teacher from its own
     cache: the server does not ship it again.
     """
-    timeout = 120.0
+    timeout = 60.0
+    teacher_base, _ = write_bert_pair(tmp_path / "models")  # a small 12-layer BERT: a light teacher to ship
     run_config = {
         **QUICK,
         "scheme": "fedkdlora",
         "client-kd": True,
         "num-server-rounds": 2,
         "max-public-examples": 16,
+        "teacher-base-model": str(teacher_base),
         "teacher-pretrain-epochs": 0,
         "round-timeout": timeout,
         "results-dir": str(tmp_path / "results"),
@@ -286,6 +289,8 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
     deployment = LocalDeployment(tmp_path, num_supernodes=3, netns=netns)
     give_own_partitions(deployment, run_config)
     hide_the_servers_files(deployment, run_config)
+    if deployment.hidden_from_nodes is not None:  # the teacher too lives on the server only
+        deployment.hidden_from_nodes.append(teacher_base.parent)
 
     def during(_run_id: int, _results_dir: Path) -> None:
         wait_for_train_messages(deployment.processes[f"supernode-{hung}"], 1, 300)
