@@ -15,6 +15,7 @@ import dataclasses
 import math
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -265,13 +266,15 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
 ) -> None:
     """FedKDLoRA with client KD on 3 SuperNodes with private filesystems, 2 rounds.
 
-    SuperNode 2's ClientApp is stopped (SIGSTOP: connected, but silent) as it gets round
-    1's train message: the round goes on with the other two after `round-timeout`, and
-    the failure is recorded under node 2. SuperNode 1 restarts in round 1 after its update
-    is in (its `context.state` is gone) and trains round 2 with the teacher from its own
-    cache: the server does not ship it again.
+    SuperNode 2's ClientApp is stopped (SIGSTOP) as it gets round 1's train message: the
+    server stops waiting after `round-timeout` (shorter than the minute Flower's own task
+    heartbeat takes to give up on a silent ClientApp), records the failure under node 2
+    and aggregates the other two updates; the node's host is then restarted. SuperNode 1
+    restarts while the server waits (its `context.state` is gone) and trains round 2 with
+    the teacher from its own cache: the server ships it again only to node 2, which never
+    replied to a train message.
     """
-    timeout = 60.0
+    timeout = 40.0
     teacher_base, _ = write_bert_pair(tmp_path / "models")  # a small 12-layer BERT: a light teacher to ship
     run_config = {
         **QUICK,
@@ -283,7 +286,7 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
         "teacher-pretrain-epochs": 0,
         "round-timeout": timeout,
         "results-dir": str(tmp_path / "results"),
-        "min-available-nodes": 3,  # round 2 waits for the restarted node
+        "min-available-nodes": 3,  # each stage waits for restarted nodes
     }
     hung, restarted = 2, 1
     deployment = LocalDeployment(tmp_path, num_supernodes=3, netns=netns)
@@ -291,35 +294,41 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
     hide_the_servers_files(deployment, run_config)
     if deployment.hidden_from_nodes is not None:  # the teacher too lives on the server only
         deployment.hidden_from_nodes.append(teacher_base.parent)
+    problems: list[BaseException] = []
 
-    def during(_run_id: int, _results_dir: Path) -> None:
-        wait_for_train_messages(deployment.processes[f"supernode-{hung}"], 1, 300)
-        clientapps = wait_until(f"SuperNode {hung}'s ClientApp", lambda: deployment.clientapps(hung), 60)
-        stopped = time.monotonic()
-        for proc in clientapps:
-            proc.suspend()
-        # While the server waits for the hung node: restart SuperNode 1 once the server has its
-        # round-1 update (it pulls replies every 3 s). A node that leaves before the server has
-        # pulled its reply is answered for with `Node Unavailable` by the SuperLink.
-        first = deployment.processes[f"supernode-{restarted}"]
-        wait_until("SuperNode 1's round-1 update", lambda: "Sent successfully" in first.log(), 300)
-        time.sleep(10)
-        deployment.stop_supernode(restarted)
-        deployment.start_supernode(restarted)  # back before the evaluate stage, which waits for 3 nodes
-        time.sleep(max(0.0, stopped + timeout + 5 - time.monotonic()))  # the server has given up on it
-        for proc in clientapps:
-            with contextlib.suppress(psutil.Error):
-                proc.resume()
+    def hang_and_restart() -> None:
+        try:
+            wait_for_train_messages(deployment.processes[f"supernode-{hung}"], 1, 300)
+            clientapps = wait_until(f"SuperNode {hung}'s ClientApp", lambda: deployment.clientapps(hung), 60)
+            stopped = time.monotonic()
+            for proc in clientapps:
+                proc.suspend()
+            # Restart SuperNode 1 once the server has its update (it pulls every 3 s): a node that
+            # leaves before its reply is pulled is answered for with `Node Unavailable`.
+            first = deployment.processes[f"supernode-{restarted}"]
+            wait_until("SuperNode 1's round-1 update", lambda: "Sent successfully" in first.log(), 300)
+            time.sleep(10)
+            deployment.stop_supernode(restarted)
+            deployment.start_supernode(restarted)
+            time.sleep(max(0.0, stopped + timeout + 5 - time.monotonic()))  # the server gave up on it
+            deployment.stop_supernode(hung, signal.SIGKILL)  # the operator restarts the hung host
+            deployment.start_supernode(hung)
+        except BaseException as error:  # surfaced by the test below
+            problems.append(error)
 
     with deployment:
         try:
             for index in range(3):
                 deployment.start_supernode(index)
-            outcome = deployment.run(run_config, timeout=600, during=during)
+            watcher = threading.Thread(target=hang_and_restart, daemon=True)
+            watcher.start()  # before submitting: the first train messages come within seconds
+            outcome = deployment.run(run_config, timeout=600)
+            watcher.join(timeout=60)
             back = deployment.processes[f"supernode-{restarted}"]
         except BaseException:
             print(deployment.log_tails())
             raise
+    assert problems == []
     ids = deployment.node_ids
     assert outcome.status == "finished:completed", outcome.details
     round1, round2 = outcome.results["rounds"][1:]
@@ -328,12 +337,11 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
         ("train", ids[hung], f"no reply within round-timeout = {timeout} s")
     ]
     assert round1["aggregated_updates"] == 2 and round1["clients"]["train"]["num-examples"] == 2 * 32
-    assert round1["wall_seconds"] < timeout + 240  # one timeout, plus the round's own work
+    assert timeout < round1["wall_seconds"] < timeout + 180  # one timeout, plus the round's own work
     # the restarted node: same id, trained round 2 with its cached teacher; only the hung node,
     # which never replied to a train message, is shipped the teacher again
     assert deployment.supernode_id(back) == ids[restarted]
     assert round2["failures"] == [] and round2["aggregated_updates"] == 3
     per_node_teacher = round1["communication"]["down_bytes_teacher"] // 3
     assert round2["communication"]["down_bytes_teacher"] == per_node_teacher
-    assert "Sent successfully" in back.log()
     assert marked_processes(deployment.marker) == []
