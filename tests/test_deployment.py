@@ -274,7 +274,7 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
     the teacher from its own cache: the server ships it again only to node 2, which never
     replied to a train message.
     """
-    timeout = 40.0
+    timeout = 55.0
     teacher_base, _ = write_bert_pair(tmp_path / "models")  # a small 12-layer BERT: a light teacher to ship
     run_config = {
         **QUICK,
