@@ -51,7 +51,7 @@ from fedkdlora_app.training import mutual_distill, train_epochs  # noqa: E402
 # all-MiniLM-L6-v2's architecture (BERT, uncased 30,522 vocab); the student keeps 3 of its 6 layers.
 MINILM = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
           "intermediate_size": 1536, "max_position_embeddings": 512, "num_labels": 2}  # fmt: skip
-SIZES = {"gpu": {"examples": 2048, "seq": 128, "batch": 32}, "cpu": {"examples": 64, "seq": 32, "batch": 16}}
+SIZES = {"gpu": {"examples": 2048, "seq": 128, "batch": 32}, "cpu": {"examples": 32, "seq": 32, "batch": 16}}
 
 
 def run_config() -> RunConfig:
