@@ -34,6 +34,7 @@ ADDED_KEY_DEFAULTS = {
     "dp-noise-multiplier": 0.0,
     "dp-clipping-norm": 1.0,
     "dp-clipping": "server",
+    "distill-student-lr": 2e-5,  # the student trained at distill-lr, whose default was 2e-5
 }
 
 
