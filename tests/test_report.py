@@ -307,3 +307,45 @@ def test_medium_keeps_the_whole_public_slice_and_caps_clients(tmp_path) -> None:
     assert common["num-server-rounds"] == compare.MEDIUM_ROUNDS
     with pytest.raises(SystemExit):
         compare.parse_args(["--task", "cola", "--medium", "--quick"])
+
+
+def test_compare_centralized_runs_one_node_holding_the_pool(tmp_path) -> None:
+    """The one short simulation for the new options: FedLoRA on 2 nodes and its centralized ceiling."""
+    out = tmp_path / "cmp"
+    code = compare.main(
+        [
+            "--app",
+            str(REPO),
+            "--task",
+            "sst2",
+            "--schemes",
+            "fedlora",
+            "--lora-r",
+            "8",
+            "--rounds",
+            "1",
+            "--clients",
+            "2",
+            "--centralized",
+            "--target",
+            "0.5",
+            "--data-dir",
+            str(GLUE_DIR),
+            "--out",
+            str(out),
+            "--run-config",
+            "max-train-examples-per-client=16 max-eval-examples=32 batch-size=16",
+        ]
+    )
+    assert code == 0
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    central = [r for r in runs if r["config"]["min-available-nodes"] == 1]
+    federated = [r for r in runs if r["config"]["min-available-nodes"] == 2]
+    assert len(central) == len(federated) == 1
+    assert central[0]["config"]["max-train-examples-per-client"] == 32  # 2 clients x 16
+    assert len(central[0]["rounds"][1]["communication"]["per_node"]) == 1
+    assert central[0]["rounds"][1]["clients"]["train"]["num-examples"] == 32
+    assert federated[0]["rounds"][1]["clients"]["train"]["num-examples"] == 32  # 2 x 16: the same pool size
+    table = (out / "comparison.md").read_text()
+    assert "| centralized (fedlora) | 1 |" in table and "| fedlora | 1 |" in table
+    assert "rounds to acc 0.5" in table
