@@ -31,14 +31,15 @@ QUICK_CAPS = {
     "max-public-examples": 500,
     "teacher-pretrain-epochs": 3,
 }
-# The whole public slice (CoLA: 1,710 examples, the teacher's cost), capped clients and dev.
+# The whole public slice (CoLA: 1,710 examples, the teacher's cost), capped clients and dev;
+# with 6 rounds about 15 min per FedKDLoRA CoLA run on 2 CPU cores (estimate: docs/benchmarks.md).
 MEDIUM_CAPS = {
     "max-train-examples-per-client": 500,
     "max-eval-examples": 500,
     "max-public-examples": 0,
     "teacher-pretrain-epochs": 3,
 }
-QUICK_ROUNDS, MEDIUM_ROUNDS, FULL_ROUNDS = 5, 5, 10
+QUICK_ROUNDS, MEDIUM_ROUNDS, FULL_ROUNDS = 5, 6, 10
 QUICK_RANKS, FULL_RANKS = [8], [8, 16, 32]
 LOCAL_GLUE = Path("../shared/data/glue")
 # Variants of the LoRA schemes (run-config overrides); `svd-hetero` gives half the clients rank r/2.
