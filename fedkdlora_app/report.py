@@ -331,11 +331,17 @@ def open_y_axis(ax: plt.Axes, metric: str) -> None:
     ax.set_ylim(low, high)
 
 
+def majority_baselines(runs: list[RunResult], metric: str) -> list[float]:
+    """The distinct majority-class scores: seeded evaluation subsets (max-eval-examples) differ by seed."""
+    return sorted({b for run in runs if (b := run.majority_baseline(metric)) is not None})
+
+
 def _references(ax: plt.Axes, groups: list[RunGroup], metric: str, target: float | None) -> None:
-    """Majority class, the centralized ceiling(s) (final score, seed mean) and the target."""
-    baseline = groups[0].runs[0].majority_baseline(metric)
-    if baseline is not None:
-        ax.axhline(baseline, color="grey", linestyle=":", label=f"majority class ({baseline:.4f})")
+    """Majority class (one line per distinct evaluation set), the centralized ceiling(s) and the target."""
+    baselines = majority_baselines([run for group in groups for run in group.runs], metric)
+    for index, baseline in enumerate(baselines):
+        label = f"majority class ({', '.join(f'{b:.4f}' for b in baselines)})" if index == 0 else None
+        ax.axhline(baseline, color="grey", linestyle=":", label=label)
     for group in (g for g in groups if g.centralized):
         _, mean, _ = group.band(metric)
         ax.axhline(mean[-1], color="black", linestyle="-.", label=f"{group.label} ceiling ({mean[-1]:.4f})")
@@ -460,12 +466,13 @@ def write_report(runs: list[RunResult], out: Path, target: float | None = None) 
 def _notes(runs: list[RunResult], target: float | None) -> str:
     """What the table's reference points are, under it; nothing for a plain one-seed table."""
     notes = []
-    baseline = runs[0].majority_baseline("accuracy")
+    baselines = majority_baselines(runs, "accuracy")
     if target is not None or any(run.centralized for run in runs):
-        if baseline is not None:
+        if baselines:
+            subsets = " (the seeded evaluation subsets differ by seed)" if len(baselines) > 1 else ""
             notes.append(
-                f"Majority class (always the evaluation set's commoner label): accuracy {baseline:.4f}, "
-                "MCC 0."
+                "Majority class (always the evaluation set's commoner label): accuracy "
+                f"{', '.join(f'{b:.4f}' for b in baselines)}{subsets}, MCC 0."
             )
         notes.append(
             "centralized: the student on one SuperNode holding the whole client pool; "

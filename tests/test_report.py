@@ -222,6 +222,18 @@ def test_majority_baseline_comes_from_the_confusion_counts(tmp_path) -> None:
     assert run.majority_baseline("mcc") == 0.0
 
 
+def test_each_seeds_evaluation_subset_has_its_own_majority_line(tmp_path) -> None:
+    runs = [_results("fedlora", [0.5, 0.6], seed=1), _results("fedlora", [0.5, 0.6], seed=2)]
+    runs[1]["rounds"][0]["server"]["student"] |= {"tp": 190, "fn": 11}  # 201 positives of 400
+    loaded = _load(tmp_path, runs)
+    assert report.majority_baselines(loaded, "accuracy") == [0.5025, 0.5275]
+    report.write_report(loaded, tmp_path / "out", target=0.55)
+    assert (
+        "accuracy 0.5025, 0.5275 (the seeded evaluation subsets differ by seed)"
+        in (tmp_path / "out" / "comparison.md").read_text()
+    )
+
+
 def test_y_axis_is_not_zoomed_onto_a_wiggle() -> None:
     fig, ax = report.plt.subplots()
     ax.plot([0, 1, 2], [0.720, 0.7225, 0.726])
