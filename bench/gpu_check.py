@@ -124,7 +124,17 @@ def server_step(config: RunConfig, device: torch.device, size: dict, precision: 
 
     def work() -> None:
         train_epochs(teacher, loader, config.distill_lr, 1, device, linear_decay=True, precision=precision)
-        mutual_distill(kd_student, teacher, loader, config.distill_lr, 1, device, "gpu check", precision)
+        mutual_distill(
+            kd_student,
+            teacher,
+            loader,
+            config.distill_student_lr,
+            config.distill_lr,
+            1,
+            device,
+            "gpu check",
+            precision,
+        )
 
     seconds, peak = measured(device, work)
     return {"examples_per_s": size["examples"] / seconds, "peak_bytes": peak, "seconds": seconds}

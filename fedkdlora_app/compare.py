@@ -3,8 +3,12 @@
 Each run is a real Flower simulation through `fedkdlora-run`; sweeps over LoRA ranks,
 public-data shares and LoRA variants (aggregation, FFA-LoRA, wire dtype) are options of
 this one command. `--quick` caps the data so that all
-three schemes finish in minutes on a laptop CPU; without it the settings are those of the
-original study (full data, 4 clients, 10 rounds, r = 8/16/32) and are meant for a GPU.
+three schemes finish in minutes on a laptop CPU; `--medium` keeps the whole public slice
+and caps the clients so one FedKDLoRA CoLA run takes about 15 minutes on 2 CPU cores;
+without either the settings are those of the original study (full data, 4 clients,
+10 rounds, r = 8/16/32) and are meant for a GPU. `--seeds` repeats every run per seed,
+`--centralized` adds the single-node ceiling and `--target` the rounds and bytes to reach
+a score (see `report.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from flwr.common.config import parse_config_args
 
 from fedkdlora_app import launcher
 from fedkdlora_app.config import SCHEMES, TASKS
@@ -25,7 +31,15 @@ QUICK_CAPS = {
     "max-public-examples": 500,
     "teacher-pretrain-epochs": 3,
 }
-QUICK_ROUNDS, FULL_ROUNDS = 5, 10
+# The whole public slice (CoLA: 1,710 examples, the teacher's cost), capped clients and dev;
+# with 6 rounds about 15 min per FedKDLoRA CoLA run on 2 CPU cores (estimate: docs/benchmarks.md).
+MEDIUM_CAPS = {
+    "max-train-examples-per-client": 500,
+    "max-eval-examples": 500,
+    "max-public-examples": 0,
+    "teacher-pretrain-epochs": 3,
+}
+QUICK_ROUNDS, MEDIUM_ROUNDS, FULL_ROUNDS = 5, 6, 10
 QUICK_RANKS, FULL_RANKS = [8], [8, 16, 32]
 LOCAL_GLUE = Path("../shared/data/glue")
 # Variants of the LoRA schemes (run-config overrides); `svd-hetero` gives half the clients rank r/2.
@@ -42,8 +56,18 @@ LORA_VARIANTS = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fedkdlora-compare", description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--quick", action="store_true", help="capped data: minutes on 2 CPU cores")
-    parser.add_argument("--rounds", type=int, help=f"default {QUICK_ROUNDS} quick, {FULL_ROUNDS} full")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="capped data: minutes on 2 CPU cores")
+    size.add_argument(
+        "--medium",
+        action="store_true",
+        help="whole public slice, 500 examples per client, 500 dev: ~15 min per FedKDLoRA CoLA run",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help=f"default {QUICK_ROUNDS} quick, {MEDIUM_ROUNDS} medium, {FULL_ROUNDS} full",
+    )
     parser.add_argument("--clients", type=int, default=4, help="simulated SuperNodes (default 4)")
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument(
@@ -63,6 +87,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[20.0],
         help="public-slice shares to sweep, e.g. 20 30 40 50",
     )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, help="run every configuration once per seed (default: the app's seed)"
+    )
+    parser.add_argument(
+        "--centralized",
+        action="store_true",
+        help="add, per LoRA setting, the student trained on one SuperNode holding the whole client pool",
+    )
+    parser.add_argument(
+        "--target", type=float, help="score to reach (accuracy; MCC for CoLA): rounds and MB to it"
+    )
     parser.add_argument("--data-dir", help=f"GLUE folder (default {LOCAL_GLUE} when present, else the hub)")
     parser.add_argument(
         "--run-config", default="", help="extra run-config overrides for every run ('k=v ...')"
@@ -77,14 +112,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run-config overrides of every run: schemes x ranks x public shares x LoRA variants.
+def size_caps(args: argparse.Namespace) -> dict[str, Any]:
+    if args.quick:
+        return QUICK_CAPS
+    return MEDIUM_CAPS if args.medium else {}
 
-    FedAvg has no rank and no LoRA variant: it runs once per public share.
+
+def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run-config overrides of every run: schemes x ranks x public shares x LoRA variants x seeds.
+
+    FedAvg has no rank and no LoRA variant: it runs once per public share. With
+    `--centralized`, each LoRA setting also gets one centralized run (see `centralized`).
     """
     ranks = args.lora_r or (QUICK_RANKS if args.quick else FULL_RANKS)
     runs = []
     for pct in args.teacher_data_pct:
+        lora_settings = []
         for scheme in args.schemes:
             lora = scheme != "fedavg"
             for rank in ranks if lora else ranks[:1]:
@@ -94,7 +137,43 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     if variant == "svd-hetero":
                         run["lora-r-by-partition"] = f"{max(1, rank // 2)},{rank}"
                     runs.append(run)
+                    if lora and (rank, variant) not in lora_settings:
+                        lora_settings.append((rank, variant))
+        if args.centralized:
+            runs += [centralized(args, pct, rank, variant) for rank, variant in lora_settings]
+    if args.seeds:
+        runs = [run | {"seed": seed} for seed in args.seeds for run in runs]
     return runs
+
+
+def centralized(args: argparse.Namespace, pct: float, rank: int, variant: str) -> dict[str, Any]:
+    """The ceiling of a LoRA setting: FedLoRA's student on ONE SuperNode holding the whole client pool.
+
+    Same student, rank, rates, local epochs, rounds, public share and evaluation; with one
+    partition the node's partition is the whole pool. Under a per-client cap the node may
+    hold clients x cap examples: the first of the pool, not the union of each client's
+    first (same count and pool). FedKDLoRA's ceiling is this run too: what it ships and
+    evaluates is the student alone, and its teacher is not a model the clients could train.
+    With one node there is nothing to give a second rank, so `svd-hetero` runs plain svd.
+    """
+    cap = per_client_cap(args)
+    run = {"scheme": "fedlora", "lora-r": rank, "teacher-data-pct": pct} | LORA_VARIANTS[variant]
+    return run | {
+        "min-available-nodes": 1,
+        "max-train-examples-per-client": cap * args.clients if cap > 0 else 0,
+    }
+
+
+def is_centralized(run: dict[str, Any]) -> bool:
+    return run.get("min-available-nodes") == 1
+
+
+def per_client_cap(args: argparse.Namespace) -> int:
+    """`max-train-examples-per-client` as every federated run gets it (--run-config wins)."""
+    extra = parse_config_args([args.run_config]) if args.run_config else {}
+    return int(
+        extra.get("max-train-examples-per-client", size_caps(args).get("max-train-examples-per-client", 0))
+    )
 
 
 def common_overrides(args: argparse.Namespace, results_dir: Path) -> dict[str, Any]:
@@ -103,12 +182,13 @@ def common_overrides(args: argparse.Namespace, results_dir: Path) -> dict[str, A
     )
     values = {
         "task": args.task,
-        "num-server-rounds": args.rounds or (QUICK_ROUNDS if args.quick else FULL_ROUNDS),
+        "num-server-rounds": args.rounds
+        or (QUICK_ROUNDS if args.quick else MEDIUM_ROUNDS if args.medium else FULL_ROUNDS),
         "data-dir": data_dir,
         "results-dir": str(results_dir),
         "min-available-nodes": args.clients,
     }
-    return values | (QUICK_CAPS if args.quick else {})
+    return values | size_caps(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,11 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out / "runs"
     common = common_overrides(args, runs_dir)
     plan = planned_runs(args)
-    federation = f"num-supernodes={args.clients} {args.federation_config}".strip()
     failed = []
     for index, run in enumerate(plan, start=1):
         print(f"fedkdlora-compare: run {index}/{len(plan)}: {launcher.format_overrides(run)}", flush=True)
         overrides = [launcher.format_overrides(common | run)] + ([args.run_config] if args.run_config else [])
+        nodes = args.clients
+        if is_centralized(run):  # its node count and cap win over --run-config
+            nodes = 1
+            keys = ("min-available-nodes", "max-train-examples-per-client")
+            overrides.append(launcher.format_overrides({k: run[k] for k in keys}))
+        federation = f"num-supernodes={nodes} {args.federation_config}".strip()
         argv_run = [args.app, "--federation-config", federation]
         for override in overrides:
             argv_run += ["--run-config", override]
@@ -134,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [RunResult.load(path) for path in sorted(runs_dir.glob("*.json"))]
     completed = [r for r in results if r.data["run"]["status"] == "completed"]
     if completed:
-        for path in write_report(completed, out):
+        for path in write_report(completed, out, args.target):
             print(path)
         print((out / "comparison.md").read_text() if (out / "comparison.md").is_file() else "")
     if failed:

@@ -81,6 +81,7 @@ class RunConfig:
     teacher_epochs: int
     kd_epochs: int
     distill_lr: float
+    distill_student_lr: float
     max_public_examples: int
     client_kd: bool
     kd_alpha: float
@@ -207,6 +208,7 @@ class RunConfig:
             ("lora-client-lr", self.lora_client_lr),
             ("teacher-lr", self.teacher_lr),
             ("distill-lr", self.distill_lr),
+            ("distill-student-lr", self.distill_student_lr),
             ("kd-temperature", self.kd_temperature),
             ("dp-clipping-norm", self.dp_clipping_norm),
         ):

@@ -82,6 +82,7 @@ class ServerDistillation:
             self.student,
             self.teacher,
             self.public_loader,
+            config.distill_student_lr,
             config.distill_lr,
             config.kd_epochs,
             self.device,

@@ -83,14 +83,17 @@ def mutual_kd_loss(
 ) -> MutualKDTerms:
     """CE_s + CE_t + (KL(t||s) + KL(s||t) + attention MSE) / (CE_s + CE_t + 1), normaliser detached.
 
-    Gradients reach both models through every term: the distillation is mutual. Scaling
-    the distillation terms by the (detached) task losses lets them dominate only once
-    both models fit the labels, as in the original FedKDLoRA.
+    Each KL term trains one side, as in the original FedKDLoRA: KL(t||s) with the
+    teacher's logits detached moves only the student, KL(s||t) with the student's logits
+    detached moves only the teacher (otherwise each model is also pulled to make the other
+    match it, which fights its own term). The attention MSE reaches both models. Scaling
+    the distillation terms by the (detached) task losses lets them dominate only once both
+    models fit the labels.
     """
     ce_student = F.cross_entropy(student_logits, labels)
     ce_teacher = F.cross_entropy(teacher_logits, labels)
-    kl_ts = kl(teacher_logits, student_logits)
-    kl_st = kl(student_logits, teacher_logits)
+    kl_ts = kl(teacher_logits.detach(), student_logits)
+    kl_st = kl(student_logits.detach(), teacher_logits)
     att = attention_mse(student_attentions, teacher_attentions)
     normaliser = (ce_student + ce_teacher + 1).detach()
     loss = ce_student + ce_teacher + (kl_ts + kl_st + att) / normaliser

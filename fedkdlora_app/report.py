@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
+import numpy as np
 
 from fedkdlora_app.config import SCHEMES
 from fedkdlora_app.results import ADDED_KEY_DEFAULTS, MB
@@ -54,12 +55,24 @@ class RunResult:
     def task(self) -> str:
         return self.config["task"]
 
-    def label(self, varying: set[str]) -> str:
-        """The scheme, plus whichever sweep keys differ across the compared runs."""
-        parts = [self.config["scheme"]]
+    @property
+    def metric(self) -> str:
+        """The score `--target` refers to: MCC for CoLA (GLUE's metric), else accuracy."""
+        return target_metric(self.task)
+
+    @property
+    def centralized(self) -> bool:
+        """Trained on one SuperNode holding the whole client pool: the ceiling of federated runs."""
+        nodes = [len(r["communication"]["per_node"]) for r in self.data.get("rounds", [])]
+        return max(nodes, default=0) == 1
+
+    def label_parts(self, varying: set[str]) -> list[str]:
+        """The scheme (or 'centralized (scheme)'), plus whichever sweep keys differ across runs."""
+        scheme = self.config["scheme"]
+        parts = [f"centralized ({scheme})" if self.centralized else scheme]
         for key, short in SWEEP_LABELS.items():
             value = self.config.get(key, ADDED_KEY_DEFAULTS.get(key))
-            if key not in varying or (self.config["scheme"] == "fedavg" and key.startswith("lora-")):
+            if key not in varying or (scheme == "fedavg" and key.startswith("lora-")):
                 continue
             if key == "teacher-data-pct":
                 parts.append(f"public={value:g}%")
@@ -67,7 +80,10 @@ class RunResult:
                 parts.append(short if value else "")
             elif value not in ("", "naive", "float32", 0):
                 parts.append(f"{short}={value}")
-        return " ".join(part for part in parts if part)
+        return [part for part in parts if part]
+
+    def label(self, varying: set[str]) -> str:
+        return " ".join(self.label_parts(varying))
 
     @property
     def finished_rounds(self) -> list[dict[str, Any]]:
@@ -84,6 +100,24 @@ class RunResult:
             (r["communication"]["cumulative_up_bytes"] + r["communication"]["cumulative_down_bytes"]) / MB
             for r in self.finished_rounds
         ]
+
+    def reached(self, target: float) -> tuple[int, float, float] | None:
+        """First round whose student score is >= `target`: (round, score, MB up + down by then)."""
+        rounds, scores = self.series("student", self.metric)
+        for index, (server_round, score) in enumerate(zip(rounds, scores, strict=True)):
+            if score >= target:
+                return server_round, score, self.cumulative_mb()[index]
+        return None
+
+    def majority_baseline(self, metric: str) -> float | None:
+        """Score of always predicting the evaluation set's majority label: accuracy from the counts; MCC 0."""
+        if metric == "mcc":
+            return 0.0
+        first = self.finished_rounds[0]["server"]["student"]
+        if not all(k in first for k in ("tp", "fn", "num-examples")):
+            return None
+        positives = first["tp"] + first["fn"]
+        return max(positives, first["num-examples"] - positives) / first["num-examples"]
 
     def summary(self) -> dict[str, Any]:
         _, acc = self.series("student", "accuracy")
@@ -107,18 +141,75 @@ class RunResult:
         return row
 
 
+def target_metric(task: str) -> str:
+    return "mcc" if task == "cola" else "accuracy"
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """Runs that differ only in seed (or repeat one): one row of the table, one band in the plots."""
+
+    label: str
+    runs: list[RunResult]
+
+    @property
+    def scheme(self) -> str:
+        return self.runs[0].config["scheme"]
+
+    @property
+    def centralized(self) -> bool:
+        return self.runs[0].centralized
+
+    def values(self, column: str) -> list[float]:
+        return [run.summary()[column] for run in self.runs]
+
+    def band(self, metric: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Per round: mean and sample std of the student's score, over the rounds all runs finished."""
+        series = [run.series("student", metric) for run in self.runs]
+        length = min(len(rounds) for rounds, _ in series)
+        scores = np.array([values[:length] for _, values in series])
+        return series[0][0][:length], scores.mean(0), _std(scores)
+
+    def mean_mb(self) -> np.ndarray:
+        length = min(len(run.finished_rounds) for run in self.runs)
+        return np.mean([run.cumulative_mb()[:length] for run in self.runs], axis=0)
+
+    def rounds_to_target(self, target: float) -> list[int | None]:
+        return [hit[0] if (hit := run.reached(target)) else None for run in self.runs]
+
+
+def _std(values: np.ndarray) -> np.ndarray:
+    """Sample std over runs (axis 0; ddof 1); 0 for a single run."""
+    return values.std(0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+
+
+def group_runs(runs: list[RunResult]) -> list[RunGroup]:
+    """Runs with the same label (same scheme and sweep settings; seeds may differ), in run order."""
+    varying = varying_keys(runs)
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(run.label(varying), []).append(run)
+    return [RunGroup(label, members) for label, members in groups.items()]
+
+
 def varying_keys(runs: list[RunResult]) -> set[str]:
     return {
         k for k in SWEEP_LABELS if len({str(r.config.get(k, ADDED_KEY_DEFAULTS.get(k))) for r in runs}) > 1
     }
 
 
-def markdown_table(runs: list[RunResult]) -> str:
-    """One row per run; rounds counted so runs of different length are not mistaken as equal."""
-    varying = varying_keys(runs)
-    rows = [(run.label(varying), len(run.finished_rounds) - 1, run.summary()) for run in runs]
-    columns = list(rows[0][2]) if rows else []
-    if any("final MCC" in row for _, _, row in rows):
+def markdown_table(runs: list[RunResult], target: float | None = None) -> str:
+    """One row per configuration: a value, or mean ± std over its seeds.
+
+    Rounds are counted so runs of different length are not mistaken as equal. With
+    `target`, the first round whose score reaches it and the MB up + down by then. With
+    several seeds, each scheme's difference to FedLoRA at the same settings, labelled
+    "within seed spread" when |Δ mean| <= the larger of the two standard deviations.
+    """
+    groups = group_runs(runs)
+    columns = list(groups[0].runs[0].summary()) if groups else []
+    task = runs[0].task if runs else ""
+    if task == "cola":
         columns = [
             "final acc",
             "best acc",
@@ -129,14 +220,84 @@ def markdown_table(runs: list[RunResult]) -> str:
             "MB down",
             "seconds",
         ]
-    lines = [
-        "| run | rounds | " + " | ".join(columns) + " |",
-        "|---|---:|" + "---:|" * len(columns),
-    ]
-    for label, num_rounds, row in rows:
-        cells = [_fmt(c, row.get(c)) for c in columns]
-        lines.append(f"| {label} | {num_rounds} | " + " | ".join(cells) + " |")
+    seeded = any(len(g.runs) > 1 for g in groups)
+    metric_name = "MCC" if target_metric(task) == "mcc" else "acc"
+    header = ["run", "rounds"] + (["seeds"] if seeded else []) + columns
+    if target is not None:
+        header += [f"rounds to {metric_name} {target:g}", f"MB to {metric_name} {target:g}"]
+    if seeded:
+        header += [f"Δ final {metric_name} vs fedlora"] + (
+            ["Δ rounds to target vs fedlora"] if target else []
+        )
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for group in groups:
+        cells = [group.label, _rounds_cell(group)]
+        cells += [str(len(group.runs))] if seeded else []
+        cells += [_cell(c, group.values(c)) for c in columns]
+        if target is not None:
+            cells += _target_cells(group, target)
+        if seeded:
+            cells += _versus_fedlora(group, groups, target)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _rounds_cell(group: RunGroup) -> str:
+    counts = sorted({len(run.finished_rounds) - 1 for run in group.runs})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def _cell(column: str, values: list[float]) -> str:
+    if len(values) == 1:
+        return _fmt(column, values[0])
+    return f"{_fmt(column, float(np.mean(values)))} ± {_fmt(column, float(np.std(values, ddof=1)))}"
+
+
+def _target_cells(group: RunGroup, target: float) -> list[str]:
+    hits = [hit for run in group.runs if (hit := run.reached(target))]
+    if not hits:
+        return ["never", "never"]
+    missed = len(group.runs) - len(hits)
+    note = f" ({len(hits)}/{len(group.runs)}; never in {missed})" if missed else ""
+    rounds = _cell("rounds", [float(h[0]) for h in hits]) if len(hits) > 1 else str(hits[0][0])
+    return [rounds + note, _cell("MB", [h[2] for h in hits]) + note]
+
+
+def _versus_fedlora(group: RunGroup, groups: list[RunGroup], target: float | None) -> list[str]:
+    """Δ mean to the federated FedLoRA group with the same settings, against the seed spread."""
+    suffix = group.label.split(" ", 2 if group.centralized else 1)[2 if group.centralized else 1 :]
+    reference = next(
+        (
+            g
+            for g in groups
+            if g.scheme == "fedlora" and not g.centralized and g.label.split(" ", 1)[1:] == suffix
+        ),
+        None,
+    )
+    width = 2 if target is not None else 1
+    if reference is None or reference is group:
+        return ["-"] * width
+    column = "final MCC" if group.runs[0].task == "cola" else "final acc"
+    cells = [_spread_note(group.values(column), reference.values(column), "{:+.4f}")]
+    if target is not None:
+        # a run that never reaches the target counts as rounds + 1 (a lower bound)
+        def censored(g: RunGroup) -> list[float]:
+            return [
+                float(r if r is not None else len(run.finished_rounds))
+                for r, run in zip(g.rounds_to_target(target), g.runs, strict=True)
+            ]
+
+        cells.append(_spread_note(censored(group), censored(reference), "{:+.1f}"))
+    return cells
+
+
+def _spread_note(values: list[float], reference: list[float], fmt: str) -> str:
+    delta = float(np.mean(values) - np.mean(reference))
+    if min(len(values), len(reference)) < 2:
+        return f"{fmt.format(delta)} (one seed: no spread)"
+    spread = max(float(np.std(values, ddof=1)), float(np.std(reference, ddof=1)))
+    verdict = "within seed spread" if abs(delta) <= spread else "exceeds seed spread"
+    return f"{fmt.format(delta)} ({verdict})"
 
 
 def _fmt(column: str, value: Any) -> str:
@@ -144,6 +305,8 @@ def _fmt(column: str, value: Any) -> str:
         return "-"
     if column.startswith("MB"):
         return f"{value:,.2f}"
+    if column == "rounds":
+        return f"{value:.1f}"
     return f"{value:,.0f}" if column == "seconds" else f"{value:.4f}"
 
 
@@ -151,34 +314,90 @@ def _metrics(task: str) -> list[str]:
     return ["accuracy", "mcc"] if task == "cola" else ["accuracy"]
 
 
-def plot_accuracy_per_round(runs: list[RunResult], out: Path) -> Path:
+MIN_Y_SPAN = 0.3  # a 0.006 wiggle must look like one
+
+
+def open_y_axis(ax: plt.Axes, metric: str) -> None:
+    """Widen the y range to at least MIN_Y_SPAN (clipped to the metric's range), not auto-zoomed."""
+    low, high = ax.get_ylim()
+    if high - low < MIN_Y_SPAN:
+        middle = (low + high) / 2
+        low, high = middle - MIN_Y_SPAN / 2, middle + MIN_Y_SPAN / 2
+    floor = 0.0 if metric == "accuracy" else -1.0
+    if low < floor:
+        low, high = floor, max(high, floor + MIN_Y_SPAN)
+    if high > 1.0:
+        low, high = min(low, 1.0 - MIN_Y_SPAN), 1.0
+    ax.set_ylim(low, high)
+
+
+def majority_baselines(runs: list[RunResult], metric: str) -> list[float]:
+    """The distinct majority-class scores: seeded evaluation subsets (max-eval-examples) differ by seed."""
+    return sorted({b for run in runs if (b := run.majority_baseline(metric)) is not None})
+
+
+def _references(ax: plt.Axes, groups: list[RunGroup], metric: str, target: float | None) -> None:
+    """Majority class (one line per distinct evaluation set), the centralized ceiling(s) and the target."""
+    baselines = majority_baselines([run for group in groups for run in group.runs], metric)
+    for index, baseline in enumerate(baselines):
+        label = f"majority class ({', '.join(f'{b:.4f}' for b in baselines)})" if index == 0 else None
+        ax.axhline(baseline, color="grey", linestyle=":", label=label)
+    for group in (g for g in groups if g.centralized):
+        _, mean, _ = group.band(metric)
+        ax.axhline(mean[-1], color="black", linestyle="-.", label=f"{group.label} ceiling ({mean[-1]:.4f})")
+    if target is not None and metric == target_metric(groups[0].runs[0].task):
+        ax.axhline(target, color="red", linestyle="--", alpha=0.6, label=f"target {target:g}")
+
+
+def _draw_group(ax: plt.Axes, x: Any, mean: np.ndarray, std: np.ndarray, group: RunGroup) -> str:
+    label = group.label if len(group.runs) == 1 else f"{group.label} (mean ± std, {len(group.runs)} seeds)"
+    (line,) = ax.plot(x, mean, marker="o", label=label)
+    if len(group.runs) > 1:
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    return line.get_color()
+
+
+def plot_accuracy_per_round(runs: list[RunResult], out: Path, target: float | None = None) -> Path:
+    """Federated runs as lines (seed bands), centralized runs as ceilings, stars: runs reaching the target."""
     metrics = _metrics(runs[0].task)
+    groups = group_runs(runs)
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
-    varying = varying_keys(runs)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for run in runs:
-            ax.plot(*run.series("student", metric), marker="o", label=run.label(varying))
+        for group in (g for g in groups if not g.centralized):
+            color = _draw_group(ax, *group.band(metric), group)
+            if target is not None and metric == target_metric(runs[0].task):
+                for hit in filter(None, (run.reached(target) for run in group.runs)):
+                    ax.plot(hit[0], hit[1], marker="*", markersize=14, color=color, linestyle="none")
+        _references(ax, groups, metric, target)
         ax.set(xlabel="round", ylabel=f"student dev {metric}", title=f"{runs[0].task}: {metric} per round")
+        open_y_axis(ax, metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+        ax.legend(fontsize="small")
     return _save(fig, out / "accuracy_per_round.png")
 
 
-def plot_accuracy_vs_mb(runs: list[RunResult], out: Path) -> Path:
-    """Round 0 (nothing sent) is left out: the x axis is logarithmic."""
+def plot_accuracy_vs_mb(runs: list[RunResult], out: Path, target: float | None = None) -> Path:
+    """Round 0 (nothing sent) is left out: the x axis is logarithmic. Stars: MB at the target."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    varying = varying_keys(runs)
-    for run in runs:
-        _, accuracy = run.series("student", "accuracy")
-        ax.plot(run.cumulative_mb()[1:], accuracy[1:], marker="o", label=run.label(varying))
+    groups = group_runs(runs)
+    metric = target_metric(runs[0].task)
+    for group in (g for g in groups if not g.centralized):
+        _, mean, std = group.band(metric)
+        color = _draw_group(ax, group.mean_mb()[1:], mean[1:], std[1:], group)
+        if target is not None:
+            for hit in filter(None, (run.reached(target) for run in group.runs)):
+                if hit[2] > 0:
+                    ax.plot(hit[2], hit[1], marker="*", markersize=14, color=color, linestyle="none")
+    _references(ax, groups, metric, target)
     ax.set_xscale("log")
     ax.set(
         xlabel="cumulative MB communicated (up + down)",
-        ylabel="student dev accuracy",
-        title=f"{runs[0].task}: accuracy vs communication",
+        ylabel=f"student dev {metric}",
+        title=f"{runs[0].task}: {metric} vs communication",
     )
+    open_y_axis(ax, metric)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize="small")
     return _save(fig, out / "accuracy_vs_mb.png")
 
 
@@ -215,6 +434,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 def _order(run: RunResult) -> tuple:
     scheme = run.config["scheme"]
     return (
+        not run.centralized,
         SCHEMES.index(scheme) if scheme in SCHEMES else len(SCHEMES),
         run.config["teacher-data-pct"],
         run.config["lora-r"],
@@ -222,7 +442,7 @@ def _order(run: RunResult) -> tuple:
     )
 
 
-def write_report(runs: list[RunResult], out: Path) -> list[Path]:
+def write_report(runs: list[RunResult], out: Path, target: float | None = None) -> list[Path]:
     """`comparison.md` and the figures, per task when runs of several tasks are given."""
     out.mkdir(parents=True, exist_ok=True)
     runs = sorted(runs, key=_order)
@@ -232,21 +452,48 @@ def write_report(runs: list[RunResult], out: Path) -> list[Path]:
         task_out = out if len({run.task for run in runs}) == 1 else out / task
         task_out.mkdir(parents=True, exist_ok=True)
         table = task_out / "comparison.md"
-        table.write_text(f"# {task}\n\n" + markdown_table(task_runs))
+        table.write_text(f"# {task}\n\n" + markdown_table(task_runs, target) + _notes(task_runs, target))
         written += [
             table,
-            plot_accuracy_per_round(task_runs, task_out),
-            plot_accuracy_vs_mb(task_runs, task_out),
+            plot_accuracy_per_round(task_runs, task_out, target),
+            plot_accuracy_vs_mb(task_runs, task_out, target),
         ]
         teacher_plot = plot_teacher_vs_student(task_runs, task_out)
         written += [teacher_plot] if teacher_plot else []
     return written
 
 
+def _notes(runs: list[RunResult], target: float | None) -> str:
+    """What the table's reference points are, under it; nothing for a plain one-seed table."""
+    notes = []
+    baselines = majority_baselines(runs, "accuracy")
+    if target is not None or any(run.centralized for run in runs):
+        if baselines:
+            subsets = " (the seeded evaluation subsets differ by seed)" if len(baselines) > 1 else ""
+            notes.append(
+                "Majority class (always the evaluation set's commoner label): accuracy "
+                f"{', '.join(f'{b:.4f}' for b in baselines)}{subsets}, MCC 0."
+            )
+        notes.append(
+            "centralized: the student on one SuperNode holding the whole client pool; "
+            "the ceiling of both LoRA schemes (FedKDLoRA ships and is scored on the student alone)."
+        )
+    if any(len(g.runs) > 1 for g in group_runs(runs)):
+        notes.append(
+            "a ± b: mean and sample standard deviation over seeds. Δ vs fedlora: difference of means; "
+            "'within seed spread' when |Δ| <= the larger of the two standard deviations. "
+            "In Δ rounds, a run that never reaches the target counts as rounds + 1."
+        )
+    return "".join(f"\n{note}\n" for note in notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedkdlora-plot", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="results JSON files (or folders of them)")
     parser.add_argument("--out", type=Path, required=True, help="folder for comparison.md and the PNGs")
+    parser.add_argument(
+        "--target", type=float, help="score to reach (accuracy; MCC for CoLA): rounds and MB to it"
+    )
     args = parser.parse_args(argv)
     files = [f for p in args.results for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     try:
@@ -257,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("fedkdlora-plot: no results JSON files given", file=sys.stderr)
         return 2
-    for path in write_report(runs, args.out):
+    for path in write_report(runs, args.out, args.target):
         print(path)
     return 0
 

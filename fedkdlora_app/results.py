@@ -36,6 +36,7 @@ ADDED_KEY_DEFAULTS = {
     "dp-clipping": "server",
     "round-timeout": 3600.0,
     "precision": "float32",
+    "distill-student-lr": 2e-5,  # the student trained at distill-lr, whose default was 2e-5
 }
 
 

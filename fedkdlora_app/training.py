@@ -52,10 +52,33 @@ def check_finite(loss: torch.Tensor, what: str) -> float:
 
 
 def _optimizer(
-    params: list[torch.nn.Parameter], lr: float, steps: int, linear_decay: bool
+    groups: list[dict], steps: int, linear_decay: bool
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    """AdamW over parameter groups `{"params": ..., "lr": ...}`; the schedule scales each group's own lr."""
+    optimizer = torch.optim.AdamW(groups)
     schedule = get_linear_schedule_with_warmup(optimizer, 0, steps) if linear_decay else None
+    return optimizer, schedule
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def distill_optimizer(
+    student: torch.nn.Module, teacher: torch.nn.Module, student_lr: float, teacher_lr: float, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """One AdamW, two groups: the student's LoRA + head and the teacher, each at its rate, each decaying.
+
+    The student's trainable part is a few adapters and a fresh head, which the clients
+    train at `lora-client-lr`; the teacher is a fully fine-tuned model that a high rate
+    would wreck. One rate for both either freezes the student or breaks the teacher.
+    """
+    groups = [
+        {"params": trainable(student), "lr": student_lr},
+        {"params": trainable(teacher), "lr": teacher_lr},
+    ]
+    optimizer, schedule = _optimizer(groups, steps, linear_decay=True)
+    assert schedule is not None
     return optimizer, schedule
 
 
@@ -72,8 +95,9 @@ def train_epochs(
 ) -> TrainResult:
     """AdamW on the trainable parameters; constant lr (FL clients) or linear decay."""
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, schedule = _optimizer(params, lr, epochs * len(loader), linear_decay)
+    optimizer, schedule = _optimizer(
+        [{"params": trainable(model), "lr": lr}], epochs * len(loader), linear_decay
+    )
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
     for _ in range(epochs):
         for batch in loader:
@@ -95,7 +119,8 @@ def mutual_distill(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     loader: DataLoader,
-    lr: float,
+    student_lr: float,
+    teacher_lr: float,
     epochs: int,
     device: torch.device,
     what: str,
@@ -108,8 +133,7 @@ def mutual_distill(
     """
     student.to(device).train()
     teacher.to(device).train()
-    params = [p for m in (student, teacher) for p in m.parameters() if p.requires_grad]
-    optimizer, schedule = _optimizer(params, lr, epochs * len(loader), linear_decay=True)
+    optimizer, schedule = distill_optimizer(student, teacher, student_lr, teacher_lr, epochs * len(loader))
     terms: dict[str, float] = {}
     for _ in range(epochs):
         for batch in loader:

@@ -15,7 +15,7 @@ from fedkdlora_app.models import ModelError, build_student, load_classifier, shi
 from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.teacher import TEACHER_INFO, build_teacher, load_teacher
 from fedkdlora_app.teacher import main as pretrain_main
-from fedkdlora_app.training import mutual_distill
+from fedkdlora_app.training import distill_optimizer, mutual_distill
 from tests.conftest import REPO, make_config
 
 TINY = {"max-public-examples": 16, "batch-size": 8, "max-eval-examples": 16, "teacher-pretrain-epochs": 1}
@@ -35,7 +35,9 @@ def test_one_distillation_step_moves_lora_and_teacher_but_not_the_frozen_base() 
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
 
     loader = loader_for(public_split(config).select(range(8)), config)  # one batch: one step
-    terms = mutual_distill(student, teacher, loader, config.distill_lr, 1, torch.device("cpu"), "test")
+    terms = mutual_distill(
+        student, teacher, loader, config.distill_student_lr, config.distill_lr, 1, torch.device("cpu"), "test"
+    )
 
     assert set(terms) == {
         "loss",
@@ -54,6 +56,34 @@ def test_one_distillation_step_moves_lora_and_teacher_but_not_the_frozen_base() 
             assert torch.equal(frozen_before[name], param), name
 
 
+def test_student_and_teacher_step_at_their_own_rates() -> None:
+    """One AdamW step moves a parameter by about its group's lr: student 1e-3, teacher 1e-5."""
+    config = _kd_config()
+    torch.manual_seed(0)
+    student = build_student(config, attn_implementation="eager")
+    teacher = load_classifier("", 2, attn_implementation="eager")
+    student_before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    loader = loader_for(public_split(config).select(range(8)), config)  # one batch: one step
+    mutual_distill(student, teacher, loader, 1e-3, 1e-5, 1, torch.device("cpu"), "test")
+
+    student_step = max(
+        (p - student_before[n]).abs().max() for n, p in student.named_parameters() if n in student_before
+    )
+    teacher_step = max((p - teacher_before[n]).abs().max() for n, p in teacher.named_parameters())
+    assert 5e-4 < student_step <= 1.1e-3
+    assert 0 < teacher_step <= 2e-5  # float32 rounding adds ~1e-7
+
+
+def test_distill_optimizer_decays_each_group_from_its_own_rate() -> None:
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    optimizer, schedule = distill_optimizer(student, teacher, 2e-3, 2e-5, steps=4)
+    assert [g["lr"] for g in optimizer.param_groups] == [2e-3, 2e-5]
+    optimizer.step()
+    schedule.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1.5e-3, 1.5e-5])
+
+
 def test_fedkdlora_ships_exactly_the_fedlora_state() -> None:
     kd_config, lora_config = _kd_config(), make_config(scheme="fedlora", task="sst2")
     kd_state = shipped_state(build_student(kd_config, attn_implementation="eager"), kd_config)
@@ -70,7 +100,9 @@ def test_a_nan_in_distillation_names_the_round() -> None:
         next(p for n, p in teacher.named_parameters() if "classifier.weight" in n).fill_(float("nan"))
     loader = loader_for(public_split(config).select(range(8)), config)
     with pytest.raises(FloatingPointError, match="round 3: mutual distillation: loss became nan"):
-        mutual_distill(student, teacher, loader, 1e-5, 1, torch.device("cpu"), "round 3: mutual distillation")
+        mutual_distill(
+            student, teacher, loader, 1e-5, 1e-5, 1, torch.device("cpu"), "round 3: mutual distillation"
+        )
 
 
 def test_pretrain_command_writes_a_teacher_a_run_accepts(tmp_path, capsys) -> None:
@@ -143,6 +175,7 @@ def test_teacher_with_another_vocabulary_is_refused(foreign_vocab_teacher) -> No
         ({"kd-epochs": -1}, "'kd-epochs' = -1: must be >= 0"),
         ({"teacher-model": "/no/such/teacher"}, "'teacher-model' = '/no/such/teacher': no model directory"),
         ({"distill-lr": 0.0}, "'distill-lr' = 0.0: must be > 0"),
+        ({"distill-student-lr": -1e-3}, "'distill-student-lr' = -0.001: must be > 0"),
         ({"teacher-data-pct": 0.0}, "'teacher-data-pct' = 0.0: fedkdlora needs a public slice"),
         ({"scheme": "fedlora", "client-kd": True}, "'client-kd' = true: needs scheme 'fedkdlora'"),
     ],

@@ -209,7 +209,7 @@ def test_distilbert_student_distils_from_the_12_layer_bert_through_the_6_to_12_m
     assert by_hand != torch.stack([F.mse_loss(s_att[i], t_att[2 * i]) for i in range(6)]).mean()
 
     before = {k: v.clone() for k, v in shipped_state(student, config).items()}
-    terms = mutual_distill(student, teacher, loader, 1e-3, 1, torch.device("cpu"), "test")
+    terms = mutual_distill(student, teacher, loader, 1e-3, 1e-3, 1, torch.device("cpu"), "test")
     assert math.isfinite(terms["attention-mse"]) and terms["attention-mse"] > 0
     after = shipped_state(student, config)
     for module in ("pre_classifier", "classifier", "q_lin.lora_B", "v_lin.lora_B"):

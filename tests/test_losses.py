@@ -81,8 +81,61 @@ def test_mutual_kd_loss_matches_hand_computation() -> None:
             "attention-mse": att,
         }
     )
-    terms.loss.backward()  # mutual: both models get gradients
+    terms.loss.backward()  # mutual: each model gets gradients (from its own terms)
     assert s_logits.grad.abs().sum() > 0 and t_logits.grad.abs().sum() > 0
+
+
+def _one_hot(labels: np.ndarray) -> np.ndarray:
+    return np.eye(2)[labels]
+
+
+def test_each_kl_term_moves_only_one_side() -> None:
+    """KL(t||s) reaches only the student's logits, KL(s||t) only the teacher's (original routing).
+
+    For KL(p||q) of softmaxed logits, d/dq = (softmax(q) - softmax(p)) / batch and, with p
+    detached, d/dp = 0. Cross-entropy gives (softmax - one_hot) / batch to its own side, and
+    the normaliser c = CE_s + CE_t + 1 is a constant. No attention gradient: the maps are
+    constants here.
+    """
+    s_logits = torch.tensor(STUDENT, requires_grad=True)
+    t_logits = torch.tensor(TEACHER, requires_grad=True)
+    att = _layered([0.0])
+    terms = mutual_kd_loss(s_logits, t_logits, torch.tensor(LABELS), att, att)
+    grad_s, grad_t = torch.autograd.grad(terms.loss, (s_logits, t_logits))
+
+    batch, c = len(LABELS), _ce(STUDENT) + _ce(TEACHER) + 1
+    p_s, p_t, y = _softmax(STUDENT), _softmax(TEACHER), _one_hot(LABELS)
+    # student: its CE + KL(t||s) / c; KL(s||t) contributes nothing to it
+    np.testing.assert_allclose(grad_s.numpy(), ((p_s - y) + (p_s - p_t) / c) / batch, atol=1e-12)
+    # teacher: its CE + KL(s||t) / c; KL(t||s) contributes nothing to it
+    np.testing.assert_allclose(grad_t.numpy(), ((p_t - y) + (p_t - p_s) / c) / batch, atol=1e-12)
+
+
+def test_kl_terms_alone_reach_the_expected_side() -> None:
+    """With cross-entropy gradients subtracted, what is left on each side is one KL term's."""
+    s_logits = torch.tensor(STUDENT, requires_grad=True)
+    t_logits = torch.tensor(TEACHER, requires_grad=True)
+    att = _layered([0.0])
+    labels = torch.tensor(LABELS)
+    terms = mutual_kd_loss(s_logits, t_logits, labels, att, att)
+    ce = torch.nn.functional.cross_entropy(s_logits, labels) + torch.nn.functional.cross_entropy(
+        t_logits, labels
+    )
+    kd_s, kd_t = (g.numpy() for g in torch.autograd.grad(terms.loss - ce, (s_logits, t_logits)))
+    c = _ce(STUDENT) + _ce(TEACHER) + 1
+    kl_ts_to_s = (_softmax(STUDENT) - _softmax(TEACHER)) / len(LABELS) / c
+    kl_st_to_t = (_softmax(TEACHER) - _softmax(STUDENT)) / len(LABELS) / c
+    np.testing.assert_allclose(kd_s, kl_ts_to_s, atol=1e-12)
+    np.testing.assert_allclose(kd_t, kl_st_to_t, atol=1e-12)
+
+
+def test_attention_mse_still_reaches_both_models() -> None:
+    s_logits, t_logits = torch.tensor(STUDENT), torch.tensor(TEACHER)
+    s_att = tuple(a.requires_grad_() for a in _layered([0.5]))
+    t_att = tuple(a.requires_grad_() for a in _layered([0.0, 0.3]))
+    terms = mutual_kd_loss(s_logits, t_logits, torch.tensor(LABELS), s_att, t_att)
+    grad_s, grad_t = torch.autograd.grad(terms.loss, (s_att[0], t_att[1]))
+    assert grad_s.abs().sum() > 0 and grad_t.abs().sum() > 0
 
 
 def test_mutual_kd_normaliser_is_detached() -> None:
@@ -91,13 +144,13 @@ def test_mutual_kd_normaliser_is_detached() -> None:
     att = _layered([0.0])
     terms = mutual_kd_loss(s_logits, t_logits, torch.tensor(LABELS), att, att)
     terms.loss.backward()
-    # d/ds [CE_s + (KL_ts + KL_st) / c] with c a constant, by finite differences
+    # d/ds [CE_s + KL(t||s) / c] with c a constant, by finite differences
     c = _ce(STUDENT) + _ce(TEACHER) + 1
     eps, grad = 1e-6, np.zeros_like(STUDENT)
     for index in np.ndindex(*STUDENT.shape):
         bumped = STUDENT.copy()
         bumped[index] += eps
-        f = lambda s: _ce(s) + (_kl(TEACHER, s) + _kl(s, TEACHER)) / c  # noqa: E731
+        f = lambda s: _ce(s) + _kl(TEACHER, s) / c  # noqa: E731
         grad[index] = (f(bumped) - f(STUDENT)) / eps
     np.testing.assert_allclose(s_logits.grad.numpy(), grad, atol=1e-5)
 

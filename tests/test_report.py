@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fedkdlora_app import compare, report
 from tests.conftest import GLUE_DIR, REPO, default_run_config
 
@@ -103,3 +105,259 @@ def test_plot_refuses_a_file_that_is_not_a_results_json(tmp_path, capsys) -> Non
     bogus.write_text('{"hello": 1}')
     assert report.main([str(bogus), "--out", str(tmp_path / "o")]) == 2
     assert f"{bogus}: not a fedkdlora results JSON" in capsys.readouterr().err
+
+
+# --- hand-built results JSONs: seeds, targets, the centralized ceiling, reference lines ---------
+
+
+def _results(scheme: str, scores: list[float], seed: int = 42, nodes: int = 4, **config) -> dict:
+    """A finished run: `scores` per round 0..n; 1 MB up and 2 MB down per round after round 0.
+
+    400 evaluation examples, 211 of them positive (SST-2's quick dev subset: majority 0.5275).
+    """
+    rounds = []
+    for index, score in enumerate(scores):
+        correct = round(score * 400)
+        student = {"accuracy": score, "mcc": score - 0.5, "loss": 1 - score, "num-examples": 400}
+        student |= {"tp": min(correct, 211), "fn": 211 - min(correct, 211)}
+        rounds.append(
+            {
+                "round": index,
+                "wall_seconds": 10.0,
+                "server": {"student": student},
+                "communication": {
+                    "per_node": {str(n): {} for n in range(nodes)} if index else {},
+                    "cumulative_up_bytes": index * 1_000_000,
+                    "cumulative_down_bytes": index * 2_000_000,
+                },
+            }
+        )
+    cfg = default_run_config() | {"scheme": scheme, "task": "sst2", "seed": seed} | config
+    run = {"status": "completed", "wall_seconds_total": 100.0 + seed, "started_at": f"2026-01-01T00:{seed}"}
+    return {"config": cfg, "run": run, "rounds": rounds}
+
+
+def _load(tmp_path: Path, runs: list[dict]) -> list[report.RunResult]:
+    results = []
+    for index, data in enumerate(runs):
+        path = tmp_path / f"run{index}.json"
+        path.write_text(json.dumps(data))
+        results.append(report.RunResult.load(path))
+    return results
+
+
+def _row(table: str, label: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_target_gives_the_first_round_reaching_it_and_the_mb_by_then(tmp_path) -> None:
+    runs = _load(
+        tmp_path,
+        [
+            _results("fedavg", [0.5275, 0.5275, 0.60]),
+            _results("fedlora", [0.5275, 0.65, 0.71, 0.69]),
+            _results("fedkdlora", [0.5275, 0.70, 0.72, 0.74]),
+        ],
+    )
+    table = report.markdown_table(runs, target=0.70)
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert header[-2:] == ["rounds to acc 0.7", "MB to acc 0.7"]
+    assert _row(table, "fedavg")[-2:] == ["never", "never"]
+    assert _row(table, "fedlora")[-2:] == ["2", "6.00"]  # round 2: 2 MB up + 4 MB down
+    assert _row(table, "fedkdlora")[-2:] == ["1", "3.00"]
+    assert "rounds to" not in report.markdown_table(runs)  # no target, no columns
+
+
+def test_seeds_are_grouped_into_mean_and_std_and_spread_is_labelled(tmp_path) -> None:
+    fedlora = [
+        _results("fedlora", [0.5, 0.6, final], seed=s)
+        for s, final in zip((1, 2, 3), (0.70, 0.72, 0.74), strict=True)
+    ]
+    close = [
+        _results("fedkdlora", [0.5, 0.6, f], seed=s)
+        for s, f in zip((1, 2, 3), (0.71, 0.73, 0.75), strict=True)
+    ]
+    table = report.markdown_table(_load(tmp_path, fedlora + close), target=0.6)
+    row = _row(table, "fedlora")
+    assert row[1:5] == ["2", "3", "0.7200 ± 0.0200", "0.7200 ± 0.0200"]  # rounds, seeds, final, best
+    assert _row(table, "fedkdlora")[-2:] == ["+0.0100 (within seed spread)", "+0.0 (within seed spread)"]
+    assert row[-2:] == ["-", "-"]  # the reference itself
+
+    far = [
+        _results("fedkdlora", [0.5, 0.7, f], seed=s)
+        for s, f in zip((1, 2, 3), (0.80, 0.81, 0.82), strict=True)
+    ]
+    table = report.markdown_table(_load(tmp_path, fedlora + far), target=0.65)
+    assert _row(table, "fedkdlora")[-2:] == ["+0.0900 (exceeds seed spread)", "-1.0 (exceeds seed spread)"]
+    assert _row(table, "fedlora")[-4:-2] == ["2.0 ± 0.0", "6.00 ± 0.00"]
+
+
+def test_partly_reached_targets_say_how_many_seeds_reached(tmp_path) -> None:
+    runs = [_results("fedlora", [0.5, 0.7, 0.8], seed=1), _results("fedlora", [0.5, 0.6, 0.6], seed=2)]
+    table = report.markdown_table(_load(tmp_path, runs), target=0.7)
+    assert _row(table, "fedlora")[-4:-2] == ["1 (1/2; never in 1)", "3.00 (1/2; never in 1)"]
+
+
+def test_a_one_node_run_is_labelled_centralized_and_listed_first(tmp_path) -> None:
+    runs = _load(
+        tmp_path,
+        [
+            _results("fedlora", [0.5275, 0.6, 0.7]),
+            _results("fedlora", [0.5275, 0.8, 0.82], nodes=1, **{"min-available-nodes": 1}),
+        ],
+    )
+    assert [run.centralized for run in runs] == [False, True]
+    out = tmp_path / "report"
+    report.write_report(runs, out, target=0.75)
+    text = (out / "comparison.md").read_text()
+    lines = text.splitlines()
+    assert lines[4].startswith("| centralized (fedlora) | 2 |") and lines[5].startswith("| fedlora | 2 |")
+    assert "Majority class (always the evaluation set's commoner label): accuracy 0.5275, MCC 0." in text
+
+
+def test_majority_baseline_comes_from_the_confusion_counts(tmp_path) -> None:
+    (run,) = _load(tmp_path, [_results("fedlora", [0.5, 0.6])])
+    assert run.majority_baseline("accuracy") == 211 / 400
+    assert run.majority_baseline("mcc") == 0.0
+
+
+def test_each_seeds_evaluation_subset_has_its_own_majority_line(tmp_path) -> None:
+    runs = [_results("fedlora", [0.5, 0.6], seed=1), _results("fedlora", [0.5, 0.6], seed=2)]
+    runs[1]["rounds"][0]["server"]["student"] |= {"tp": 190, "fn": 11}  # 201 positives of 400
+    loaded = _load(tmp_path, runs)
+    assert report.majority_baselines(loaded, "accuracy") == [0.5025, 0.5275]
+    report.write_report(loaded, tmp_path / "out", target=0.55)
+    assert (
+        "accuracy 0.5025, 0.5275 (the seeded evaluation subsets differ by seed)"
+        in (tmp_path / "out" / "comparison.md").read_text()
+    )
+
+
+def test_y_axis_is_not_zoomed_onto_a_wiggle() -> None:
+    fig, ax = report.plt.subplots()
+    ax.plot([0, 1, 2], [0.720, 0.7225, 0.726])
+    report.open_y_axis(ax, "accuracy")
+    low, high = ax.get_ylim()
+    assert high - low >= report.MIN_Y_SPAN and low <= 0.72 and high >= 0.726
+    report.plt.close(fig)
+    fig, ax = report.plt.subplots()
+    ax.plot([0, 1], [0.95, 0.99])
+    report.open_y_axis(ax, "accuracy")
+    assert ax.get_ylim() == (0.7, 1.0)  # accuracy never drawn above 1
+    report.plt.close(fig)
+
+
+def test_plot_with_seeds_target_and_ceiling_draws_bands_stars_and_lines(tmp_path, monkeypatch) -> None:
+    runs = _load(
+        tmp_path,
+        [_results("fedlora", [0.5275, 0.6, f], seed=s) for s, f in ((1, 0.7), (2, 0.75))]
+        + [_results("fedlora", [0.5275, 0.8, 0.82], nodes=1)],
+    )
+    drawn: dict[str, list] = {"fill": [], "hline": [], "star": []}
+    real_fill, real_hline = report.plt.Axes.fill_between, report.plt.Axes.axhline
+    monkeypatch.setattr(
+        report.plt.Axes, "fill_between", lambda ax, *a, **k: drawn["fill"].append(a) or real_fill(ax, *a, **k)
+    )
+    monkeypatch.setattr(
+        report.plt.Axes, "axhline", lambda ax, y, **k: drawn["hline"].append(y) or real_hline(ax, y, **k)
+    )
+    path = report.plot_accuracy_per_round(runs, tmp_path, target=0.72)
+    assert path.stat().st_size > 10_000
+    assert len(drawn["fill"]) == 1  # one band: the two-seed fedlora group; the ceiling is a line
+    assert sorted(drawn["hline"]) == pytest.approx([211 / 400, 0.72, 0.82])  # majority, target, ceiling
+
+
+def test_compare_plans_seeds_and_one_centralized_run_per_lora_setting() -> None:
+    args = compare.parse_args(
+        [
+            "--task",
+            "sst2",
+            "--quick",
+            "--centralized",
+            "--seeds",
+            "42",
+            "43",
+            "--lora-variants",
+            "naive",
+            "fp16",
+        ]
+    )
+    plan = compare.planned_runs(args)
+    central = [r for r in plan if compare.is_centralized(r)]
+    # per seed: fedavg, fedlora x 2 variants, fedkdlora x 2 variants, 2 centralized (one per variant)
+    assert len(plan) == 2 * 7 and len(central) == 2 * 2
+    assert {r["seed"] for r in plan} == {42, 43}
+    assert all(r["scheme"] == "fedlora" and r["max-train-examples-per-client"] == 4 * 300 for r in central)
+    assert {r.get("wire-dtype", "float32") for r in central} == {"float32", "float16"}
+    capped = compare.parse_args(
+        [
+            "--task",
+            "sst2",
+            "--centralized",
+            "--clients",
+            "3",
+            "--run-config",
+            "max-train-examples-per-client=10",
+        ]
+    )
+    assert [
+        r["max-train-examples-per-client"] for r in compare.planned_runs(capped) if compare.is_centralized(r)
+    ] == [
+        30,
+        30,
+        30,
+    ]
+    only_fedavg = compare.parse_args(["--task", "sst2", "--centralized", "--schemes", "fedavg"])
+    assert not any(compare.is_centralized(r) for r in compare.planned_runs(only_fedavg))
+
+
+def test_medium_keeps_the_whole_public_slice_and_caps_clients(tmp_path) -> None:
+    args = compare.parse_args(["--task", "cola", "--medium"])
+    common = compare.common_overrides(args, tmp_path)
+    assert common["max-public-examples"] == 0 and common["max-train-examples-per-client"] == 500
+    assert common["num-server-rounds"] == compare.MEDIUM_ROUNDS
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--task", "cola", "--medium", "--quick"])
+
+
+def test_compare_centralized_runs_one_node_holding_the_pool(tmp_path) -> None:
+    """The one short simulation for the new options: FedLoRA on 2 nodes and its centralized ceiling."""
+    out = tmp_path / "cmp"
+    code = compare.main(
+        [
+            "--app",
+            str(REPO),
+            "--task",
+            "sst2",
+            "--schemes",
+            "fedlora",
+            "--lora-r",
+            "8",
+            "--rounds",
+            "1",
+            "--clients",
+            "2",
+            "--centralized",
+            "--target",
+            "0.5",
+            "--data-dir",
+            str(GLUE_DIR),
+            "--out",
+            str(out),
+            "--run-config",
+            "max-train-examples-per-client=16 max-eval-examples=32 batch-size=16",
+        ]
+    )
+    assert code == 0
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    central = [r for r in runs if r["config"]["min-available-nodes"] == 1]
+    federated = [r for r in runs if r["config"]["min-available-nodes"] == 2]
+    assert len(central) == len(federated) == 1
+    assert central[0]["config"]["max-train-examples-per-client"] == 32  # 2 clients x 16
+    assert len(central[0]["rounds"][1]["communication"]["per_node"]) == 1
+    assert central[0]["rounds"][1]["clients"]["train"]["num-examples"] == 32
+    assert federated[0]["rounds"][1]["clients"]["train"]["num-examples"] == 32  # 2 x 16: the same pool size
+    table = (out / "comparison.md").read_text()
+    assert "| centralized (fedlora) | 1 |" in table and "| fedlora | 1 |" in table
+    assert "rounds to acc 0.5" in table
