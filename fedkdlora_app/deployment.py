@@ -553,11 +553,18 @@ class LocalDeployment:
         return [*self.hidden_from_nodes, *others]
 
     def clientapps(self, index: int) -> list[psutil.Process]:
-        """SuperNode `index`'s running ClientApp processes (one per message in Flower 1.42)."""
+        """SuperNode `index`'s running ClientApp processes (one per message in Flower 1.42).
+
+        Found by their FLWR_HOME (each process started here has its own, inherited by its
+        children), not by parentage: a process may be re-parented on its way.
+        """
+        home = str(self.work_dir / "homes" / f"supernode-{index}")
         procs = []
-        for proc in self.processes[f"supernode-{index}"].tree():
+        for proc in psutil.process_iter(["cmdline"]):
             with contextlib.suppress(psutil.Error):
-                if any("flwr-clientapp" in part for part in proc.cmdline()):
+                if any("flwr-clientapp" in part for part in proc.info["cmdline"] or []) and (
+                    proc.environ().get("FLWR_HOME") == home
+                ):
                     procs.append(proc)
         return procs
 
