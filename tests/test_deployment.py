@@ -73,7 +73,8 @@ def give_own_partitions(deployment: LocalDeployment, run_config: dict[str, Any])
 def hide_the_servers_files(deployment: LocalDeployment, run_config: dict[str, Any]) -> None:
     """On a SuperNode's host the run-config's data and results folders do not exist (issue 11)."""
     if PRIVATE_FS:
-        deployment.hidden_from_nodes = [GLUE_DIR, Path(run_config["results-dir"])]
+        # resolved: `mount` follows symbolic links, and so must the check (../shared may be one)
+        deployment.hidden_from_nodes = [GLUE_DIR.resolve(), Path(run_config["results-dir"])]
         Path(run_config["results-dir"]).mkdir(parents=True, exist_ok=True)
 
 
@@ -121,7 +122,7 @@ def secure_run(tmp_path_factory) -> SecureRun:
 def sees_no_glue(process: ManagedProcess) -> bool:
     """Whether the GLUE copy's folder is empty in the filesystem view of `process`'s SuperNode."""
     supernode = next(p for p in process.tree() if any("flower-supernode" in part for part in p.cmdline()))
-    return not any(Path(f"/proc/{supernode.pid}/root{GLUE_DIR}").iterdir())
+    return not any(Path(f"/proc/{supernode.pid}/root{GLUE_DIR.resolve()}").iterdir())
 
 
 def test_nodes_on_private_filesystems_train_on_their_own_data(secure_run: SecureRun) -> None:
