@@ -54,31 +54,21 @@ def test_lora_variants_are_planned_for_lora_schemes_and_labelled() -> None:
     assert labels == ["fedavg", "fedlora", "fedlora agg=svd ranks=4,8", "fedlora wire=float16"]
 
 
+def quick_compare(out: Path, *options: str) -> int:
+    """`fedkdlora-compare` for FedLoRA on 2 clients, 1 round, tiny caps, the real GLUE copy."""
+    return compare.main(
+        [
+            "--app", str(REPO), "--schemes", "fedlora", "--rounds", "1", "--clients", "2",
+            "--data-dir", str(GLUE_DIR), "--out", str(out),
+            "--run-config", "max-train-examples-per-client=16 max-eval-examples=32 batch-size=16",
+            *options,
+        ]
+    )  # fmt: skip
+
+
 def test_compare_runs_the_sweep_and_reports_it(tmp_path, capsys) -> None:
     out = tmp_path / "cmp"
-    code = compare.main(
-        [
-            "--app",
-            str(REPO),
-            "--task",
-            "cola",
-            "--schemes",
-            "fedlora",
-            "--lora-r",
-            "4",
-            "8",
-            "--rounds",
-            "1",
-            "--clients",
-            "2",
-            "--data-dir",
-            str(GLUE_DIR),
-            "--out",
-            str(out),
-            "--run-config",
-            "max-train-examples-per-client=16 max-eval-examples=32 batch-size=16",
-        ]
-    )
+    code = quick_compare(out, "--task", "cola", "--lora-r", "4", "8")
     assert code == 0
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     assert sorted(r["config"]["lora-r"] for r in runs) == [4, 8]
@@ -324,31 +314,7 @@ def test_medium_keeps_the_whole_public_slice_and_caps_clients(tmp_path) -> None:
 def test_compare_centralized_runs_one_node_holding_the_pool(tmp_path) -> None:
     """The one short simulation for the new options: FedLoRA on 2 nodes and its centralized ceiling."""
     out = tmp_path / "cmp"
-    code = compare.main(
-        [
-            "--app",
-            str(REPO),
-            "--task",
-            "sst2",
-            "--schemes",
-            "fedlora",
-            "--lora-r",
-            "8",
-            "--rounds",
-            "1",
-            "--clients",
-            "2",
-            "--centralized",
-            "--target",
-            "0.5",
-            "--data-dir",
-            str(GLUE_DIR),
-            "--out",
-            str(out),
-            "--run-config",
-            "max-train-examples-per-client=16 max-eval-examples=32 batch-size=16",
-        ]
-    )
+    code = quick_compare(out, "--task", "sst2", "--lora-r", "8", "--centralized", "--target", "0.5")
     assert code == 0
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     central = [r for r in runs if r["config"]["min-available-nodes"] == 1]
