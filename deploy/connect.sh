@@ -19,4 +19,4 @@ while [[ $# -gt 0 ]]; do
 done
 ARGS=(connect "$NAME" "$ADDRESS")
 if [[ $INSECURE -eq 1 ]]; then ARGS+=(--insecure); else ARGS+=(--root-certificates "$(realpath "$CERTS/ca.crt")"); fi
-exec python -m fedkdlora_app.deployment "${ARGS[@]}"
+exec python -m fedkdlora_tools.deployment "${ARGS[@]}"

@@ -10,4 +10,4 @@ source "$(dirname "$0")/_common.sh"
 [[ $# -ge 1 ]] || { echo "usage: $0 CONNECTION [--run-config '...']... [--timeout S]" >&2; exit 2; }
 CONNECTION="$1"; shift
 cd "$REPO_DIR"
-exec python -m fedkdlora_app.deployment submit "$CONNECTION" --app "$REPO_DIR" "$@"
+exec python -m fedkdlora_tools.deployment submit "$CONNECTION" --app "$REPO_DIR" "$@"

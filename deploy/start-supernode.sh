@@ -11,7 +11,7 @@
 #
 # The run-config's paths name the server's files; these name this host's, as node config:
 # --data-dir: the GLUE copy, or this node's own partition (`python -m
-# fedkdlora_app.deployment export-partition`); --student-model: a local copy of the
+# fedkdlora_tools.deployment export-partition`); --student-model: a local copy of the
 # student's base model (when the run-config's is a folder on the server); --teacher-path: a
 # local teacher for client-side KD (client-kd = true); --cache-dir: where a teacher the
 # server ships is kept (default ~/.cache/fedkdlora/client-kd-teachers). --port is this SuperNode's

@@ -7,9 +7,7 @@ data than its own public slice (e.g. another task, or the clients' examples).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -19,17 +17,14 @@ from flwr.common.logger import log
 from transformers import PreTrainedModel
 
 from fedkdlora_app.atomic import atomic_dir
-from fedkdlora_app.config import ConfigError, RunConfig, app_defaults
+from fedkdlora_app.config import ConfigError, RunConfig
 from fedkdlora_app.data import eval_split, loader_for, public_split
-from fedkdlora_app.devices import pick_device
 from fedkdlora_app.models import (
     EMBEDDED_MODEL_NAME,
-    ModelError,
     check_same_tokenizer,
     load_classifier,
     load_tokenizer,
 )
-from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.training import evaluate, train_epochs
 
 TEACHER_INFO = "fedkdlora_teacher.json"
@@ -104,51 +99,3 @@ def save_teacher(teacher: PreTrainedModel, info: dict[str, Any], config: RunConf
 
     atomic_dir(out_dir, write)
     return out_dir
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="fedkdlora-pretrain-teacher",
-        description="Fine-tune a FedKDLoRA teacher on the public slice and save it for 'teacher-model'.",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="directory to write the teacher to")
-    parser.add_argument("--app", default=".", type=Path, help="app directory whose run-config gives defaults")
-    parser.add_argument("--task")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--teacher-data-pct", type=float)
-    parser.add_argument("--epochs", type=int, dest="teacher_pretrain_epochs")
-    parser.add_argument("--lr", type=float, dest="teacher_lr")
-    parser.add_argument("--base-model", dest="teacher_base_model")
-    parser.add_argument("--max-public-examples", type=int)
-    parser.add_argument("--max-eval-examples", type=int)
-    parser.add_argument("--seed", type=int)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        values = app_defaults(args.app)
-        for name, value in vars(args).items():
-            if name not in ("out", "app") and value is not None:
-                # `--data-dir ''` is the hub, as in the run-config; a folder is taken from the cwd
-                is_folder = name == "data_dir" and value
-                values[name.replace("_", "-")] = str(Path(value).resolve()) if is_folder else value
-        config = RunConfig.from_mapping({**values, "scheme": "fedkdlora", "teacher-model": ""})
-        seed_everything(config.seed)
-        teacher, info = pretrain_teacher(config, pick_device())
-    except (ConfigError, ModelError, ValueError) as error:
-        print(f"fedkdlora-pretrain-teacher: {error}", file=sys.stderr)
-        return 2
-    save_teacher(teacher, info, config, args.out)
-    dev = info["dev"]
-    print(
-        f"teacher ({info['base-model']}, {info['public-examples']} public {config.task} examples, "
-        f"{config.teacher_pretrain_epochs} epoch(s), {info['train-seconds']:.0f} s): dev accuracy "
-        f"{dev['accuracy']:.4f}, MCC {dev['mcc']:.4f}, loss {dev['loss']:.4f} -> {args.out}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -106,7 +106,7 @@ def test_a_node_missing_a_file_names_the_key_in_one_line(run_overrides, node_con
 
 
 def test_the_submitting_host_checks_values_but_not_the_servers_files(tmp_path) -> None:
-    from fedkdlora_app import launcher
+    from fedkdlora_tools import launcher
 
     overrides = [
         "data-dir='/srv/only-on-server/glue' teacher-model='/srv/teacher' resume-from='/srv/run.json'"

@@ -24,19 +24,12 @@ import psutil
 import pytest
 
 from fedkdlora_app.data import DataError, client_eval_shard, client_train_partition
-from fedkdlora_app.deployment import (
-    MARKER_ENV,
-    LocalDeployment,
-    ManagedProcess,
-    RunOutcome,
-    config_with,
-    export_partition,
-    lose_and_restore,
-    mount_namespaces_available,
-    netns_available,
-    wait_until,
-)
-from tests.conftest import GLUE_DIR
+from fedkdlora_tools.deployment.hosts import mount_namespaces_available, netns_available
+from fedkdlora_tools.deployment.local import LocalDeployment, RunOutcome
+from fedkdlora_tools.deployment.partitions import config_with, export_partition
+from fedkdlora_tools.deployment.scenarios import lose_and_restore
+from fedkdlora_tools.processes import MARKER_ENV, ManagedProcess, wait_until
+from tests.conftest import GLUE_DIR, REPO
 from tests.hub_fixtures import write_bert_pair
 
 QUICK = {
@@ -64,7 +57,7 @@ def marked_processes(marker: str) -> list[psutil.Process]:
 
 def give_own_partitions(deployment: LocalDeployment, run_config: dict[str, Any]) -> None:
     """Export each SuperNode's partition to its own folder: the only data its host sees."""
-    config = config_with(run_config)
+    config = config_with(run_config, REPO)
     for index in range(deployment.num_supernodes):
         out = deployment.work_dir / "node-data" / f"node-{index}"
         deployment.node_data_dirs[index] = export_partition(config, index, deployment.num_supernodes, out)
@@ -98,7 +91,7 @@ def secure_run(tmp_path_factory) -> SecureRun:
     """
     work_dir = tmp_path_factory.mktemp("secure")
     run_config = {**QUICK, "results-dir": str(work_dir / "results"), "min-available-nodes": 2}
-    deployment = LocalDeployment(work_dir, num_supernodes=2)
+    deployment = LocalDeployment(work_dir, num_supernodes=2, app_dir=REPO)
     give_own_partitions(deployment, run_config)
     hide_the_servers_files(deployment, run_config)
     with deployment:
@@ -192,7 +185,10 @@ def test_every_process_of_the_deployment_is_gone(secure_run: SecureRun) -> None:
 
 def test_cleanup_on_failure_and_the_insecure_flag(tmp_path: Path) -> None:
     """An exception inside the deployment still stops SuperLink, SuperNode and their children."""
-    with pytest.raises(RuntimeError, match="boom"), LocalDeployment(tmp_path, 1, insecure=True) as deployment:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        LocalDeployment(tmp_path, 1, insecure=True, app_dir=REPO) as deployment,
+    ):
         supernode = deployment.start_supernode(0)
         assert deployment.supernode_id(supernode) is not None
         assert "no TLS and no SuperNode authentication" in deployment.processes["superlink"].log()
@@ -205,7 +201,7 @@ def test_cleanup_on_failure_and_the_insecure_flag(tmp_path: Path) -> None:
 
 
 def test_an_exported_partition_is_exactly_the_nodes_examples(tmp_path: Path) -> None:
-    config = config_with(QUICK)
+    config = config_with(QUICK, REPO)
     node = dataclasses.replace(config, data_dir=str(export_partition(config, 1, 2, tmp_path / "node-1")))
     for read in (client_train_partition, client_eval_shard):
         mine, reference = read(node, 1, 2), read(config, 1, 2)
@@ -226,7 +222,7 @@ def test_a_lost_supernode_does_not_stop_the_run(tmp_path: Path, netns: bool) -> 
         "min-available-nodes": 3,  # the strategy may go on with 3 of 4
     }
     victim = 3
-    deployment = LocalDeployment(tmp_path, num_supernodes=4, netns=netns)
+    deployment = LocalDeployment(tmp_path, num_supernodes=4, netns=netns, app_dir=REPO)
     give_own_partitions(deployment, run_config)
     with deployment:
         try:
@@ -289,7 +285,7 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
         "min-available-nodes": 2,  # each stage waits for restarted nodes
     }
     hung, restarted = 1, 0
-    deployment = LocalDeployment(tmp_path, num_supernodes=2, netns=netns)
+    deployment = LocalDeployment(tmp_path, num_supernodes=2, netns=netns, app_dir=REPO)
     give_own_partitions(deployment, run_config)
     hide_the_servers_files(deployment, run_config)
     if deployment.hidden_from_nodes is not None:  # the teacher too lives on the server only

@@ -39,8 +39,8 @@ from fedkdlora_app.models import (
 )
 from fedkdlora_app.strategy import payload_bytes, payload_params
 from fedkdlora_app.teacher import TEACHER_INFO
-from fedkdlora_app.teacher import main as pretrain_main
 from fedkdlora_app.training import evaluate, mutual_distill
+from fedkdlora_tools.pretrain import main as pretrain_main
 from tests.conftest import GLUE_DIR, REPO, make_config
 from tests.hub_fixtures import (
     HUB_MODEL_ID,

@@ -42,9 +42,9 @@ def test_a_client_ray_gave_no_gpu_computes_on_the_cpu_even_where_gpus_exist(monk
 
 
 def test_the_launcher_leaves_ray_hiding_gpus_from_clients_given_none(tmp_path: Path) -> None:
-    from fedkdlora_app.launcher import flwr_env
+    from fedkdlora_tools.flower_cli import flower_env
 
-    assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in flwr_env(tmp_path)
+    assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in flower_env(tmp_path, local_superlink_ports=True)
 
 
 def test_bfloat16_where_the_device_lacks_it_is_one_line_naming_the_key() -> None:

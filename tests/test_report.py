@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedkdlora_app import compare, report
+from fedkdlora_tools import compare, report
 from tests.conftest import GLUE_DIR, REPO, default_run_config
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from fedkdlora_app.checkpoint import Checkpoint
 from fedkdlora_app.config import ConfigError
-from fedkdlora_app.launcher import format_overrides
 from fedkdlora_app.results import RunRecorder
+from fedkdlora_tools.launcher import format_overrides
 from tests.conftest import GLUE_DIR, REPO, make_config
 from tests.test_simulation import QUICK, simulate
 
@@ -44,7 +44,14 @@ def _kill_after_round(results_dir: Path, round_: int, timeout: float = 300) -> P
     """Start a run in another process; SIGTERM it once round `round_` is checkpointed."""
     values = {**KD, "data-dir": str(GLUE_DIR), "results-dir": str(results_dir)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "fedkdlora_app.launcher", str(REPO), "--run-config", format_overrides(values)],
+        [
+            sys.executable,
+            "-m",
+            "fedkdlora_tools.launcher",
+            str(REPO),
+            "--run-config",
+            format_overrides(values),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from fedkdlora_app import launcher
 from fedkdlora_app.data import eval_split, loader_for
 from fedkdlora_app.models import load_saved_student
 from fedkdlora_app.training import evaluate
+from fedkdlora_tools import launcher
 from tests.conftest import GLUE_DIR, REPO, make_config
 
 ROUNDS = 2

@@ -21,9 +21,9 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from fedkdlora_app import launcher
 from fedkdlora_app.config import SCHEMES, TASKS
-from fedkdlora_app.report import RunResult, write_report
+from fedkdlora_tools import launcher
+from fedkdlora_tools.report import RunResult, write_report
 
 QUICK_CAPS = {
     "max-train-examples-per-client": 300,

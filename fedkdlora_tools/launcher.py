@@ -12,12 +12,9 @@ non-zero if the run did not complete.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-import psutil
 import tomli_w
 from flwr.common.config import parse_config_args
 
 from fedkdlora_app.config import ConfigError, RunConfig, app_defaults
+from fedkdlora_tools.flower_cli import flower_env, run_status, stop_local_superlink
+from fedkdlora_tools.processes import ProcessError, exit_on_sigterm
 
 # Run-config keys that name files or folders; relative values are taken from the cwd.
 PATH_KEYS = ("data-dir", "results-dir", "resume-from", "student-model", "teacher-model", "teacher-base-model")
@@ -86,70 +84,6 @@ def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path, check_fi
     return values
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """For Flower's commands: this venv first on PATH, a private FLWR_HOME, no `uv sync` per run."""
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    )
-    return env
-
-
-def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """`flower_env` plus free ports for the local SuperLink that `flwr run` starts."""
-    env = flower_env(flwr_home)
-    env.update(
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-    )
-    return env
-
-
-def run_status(env: dict[str, str]) -> tuple[str, str]:
-    """(status, status-details) of the newest run on this FLWR_HOME's SuperLink."""
-    listing = subprocess.run(["flwr", "list", "--format", "json"], env=env, capture_output=True, text=True)
-    try:
-        runs = json.loads(listing.stdout)["runs"]
-    except (json.JSONDecodeError, KeyError):
-        return "unknown", f"`flwr list` gave no run listing: {listing.stdout[-500:]}{listing.stderr[-500:]}"
-    if not runs:
-        return "unknown", "no run was submitted"
-    newest = max(runs, key=lambda run: int(run["run-id"]))
-    return newest.get("status", "unknown"), newest.get("status-details", "")
-
-
-def stop_local_superlink(flwr_home: Path) -> int:
-    """Terminate the SuperLink started under `flwr_home`, and its children; return count."""
-    marker = str(flwr_home / "local-superlink")
-    targets = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if any("flower-superlink" in part for part in cmdline) and any(marker in part for part in cmdline):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                targets += [proc, *proc.children(recursive=True)]
-    for proc in targets:
-        with contextlib.suppress(psutil.NoSuchProcess):  # it may end on its own meanwhile
-            proc.terminate()
-    _, alive = psutil.wait_procs(targets, timeout=10)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    return len(targets)
-
-
-def exit_on_sigterm(signum: int, _frame: object) -> None:
-    """`kill <pid>` then unwinds like Ctrl-C, so the SuperLink this run started is stopped."""
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, exit_on_sigterm)
@@ -162,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     temporary_home = args.flwr_home is None
     flwr_home = Path(tempfile.mkdtemp(prefix="fedkdlora-flwr-")) if temporary_home else Path(args.flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
-    env = flwr_env(flwr_home)
+    env = flower_env(flwr_home, local_superlink_ports=True)
     overrides_file = flwr_home / "run-config.toml"
     overrides_file.write_text(tomli_w.dumps(run_config))
     command = ["flwr", "run", str(app_dir), "--stream", "--run-config", str(overrides_file)]
@@ -170,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         command += ["--federation-config", federation_config]
     try:
         submitted = subprocess.run(command, env=env)
-        status, details = run_status(env)
+        try:
+            status, details = run_status(env)
+        except ProcessError as error:
+            status, details = "unknown", str(error)
     finally:
         stop_local_superlink(flwr_home)
         if temporary_home:

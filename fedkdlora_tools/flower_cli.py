@@ -1,0 +1,160 @@
+"""The Flower 1.42 command line as the tools use it: environment, JSON answers, run status.
+
+`flwr run` exits 0 even when the ServerApp raised, so every tool reads a run's real
+outcome from `flwr list --format json` (`run_status`, the one reader of it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import tomli
+import tomli_w
+
+from fedkdlora_tools.processes import ProcessError, stop_processes
+
+FINISHED = "finished:"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flower_env(flwr_home: Path, local_superlink_ports: bool = False) -> dict[str, str]:
+    """For Flower's commands: this venv first on PATH, a private FLWR_HOME, no `uv sync` per run.
+
+    `local_superlink_ports`: free ports for the local SuperLink that `flwr run` starts in
+    simulation, so several runs on one machine do not collide.
+    """
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    if local_superlink_ports:
+        env.update(
+            FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+            FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+        )
+    return env
+
+
+def flwr_json(args: list[str], env: dict[str, str], timeout: float = 60) -> dict[str, Any]:
+    """Run `flwr <args> --format json`; its JSON answer, or ProcessError with the output."""
+    try:
+        done = subprocess.run(
+            ["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as error:
+        raise ProcessError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from error
+    start = done.stdout.find("{")
+    try:
+        answer = json.loads(done.stdout[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        answer = None
+    if done.returncode != 0 or not isinstance(answer, dict) or answer.get("success") is False:
+        raise ProcessError(
+            f"`flwr {' '.join(args)}` failed (exit {done.returncode}): "
+            f"{done.stdout[-800:]}{done.stderr[-800:]}"
+        )
+    return answer
+
+
+def write_connection(
+    flwr_home: Path, name: str, address: str, root_certificates: Path | None = None, insecure: bool = False
+) -> Path:
+    """Add `[superlink.<name>]` to FLWR_HOME/config.toml, the file `flwr run . <name>` reads in 1.42."""
+    if insecure == (root_certificates is not None):
+        raise ValueError("give exactly one of root_certificates (TLS) and insecure=True")
+    path = flwr_home / "config.toml"
+    config: dict[str, Any] = tomli.loads(path.read_text()) if path.exists() else {}
+    connection: dict[str, Any] = {"address": address}
+    if insecure:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(Path(root_certificates).resolve())  # must be absolute
+    config.setdefault("superlink", {})[name] = connection
+    config["superlink"].setdefault("default", name)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def register_supernode(env: dict[str, str], connection: str, public_key: Path) -> int:
+    """`flwr supernode register`: after this, the SuperNode holding the private key may join."""
+    return int(flwr_json(["supernode", "register", str(public_key), connection], env)["node-id"])
+
+
+def submit_run(env: dict[str, str], connection: str, app_dir: Path, run_config: dict[str, Any]) -> int:
+    """`flwr run <app> <connection>` with the overrides in a TOML file; the new run's id."""
+    overrides = Path(env["FLWR_HOME"]) / f"run-config-{uuid.uuid4().hex[:8]}.toml"
+    overrides.write_text(tomli_w.dumps(run_config))
+    answer = flwr_json(["run", str(app_dir), connection, "--run-config", str(overrides)], env, timeout=120)
+    return int(answer["run-id"])
+
+
+def run_status(
+    env: dict[str, str], connection: str | None = None, run_id: int | None = None
+) -> tuple[str, str]:
+    """(status, status-details) of run `run_id`, or of the newest run, as the SuperLink reports it.
+
+    No `connection`: the local SuperLink of this FLWR_HOME (simulation).
+    """
+    args = ["list", *([connection] if connection else []), *(["--run-id", str(run_id)] if run_id else [])]
+    runs = flwr_json(args, env)["runs"]
+    if not runs:
+        return "unknown", "no run was submitted"
+    newest = max(runs, key=lambda run: int(run["run-id"]))
+    return newest.get("status", "unknown"), newest.get("status-details", "")
+
+
+def wait_for_run(
+    env: dict[str, str],
+    connection: str,
+    run_id: int,
+    timeout: float,
+    check: Callable[[], None] | None = None,
+    poll: float = 2.0,
+) -> tuple[str, str]:
+    """Poll until the run is finished (`finished:completed|failed|stopped`) or `timeout` passes.
+
+    `check` runs every poll (e.g. "the SuperLink is still alive") and may raise.
+    """
+    deadline = time.monotonic() + timeout
+    status, details = "unknown", ""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ProcessError):  # a busy SuperLink may miss one poll
+            status, details = run_status(env, connection, run_id)
+            if status.startswith(FINISHED):
+                return status, details
+        if check is not None:
+            check()
+        time.sleep(poll)
+    raise ProcessError(f"run {run_id} not finished after {timeout:.0f} s (last status {status!r})")
+
+
+def stop_local_superlink(flwr_home: Path) -> int:
+    """Stop the SuperLink `flwr run` started under `flwr_home`, and its children; return count."""
+    marker = str(flwr_home / "local-superlink")
+    targets = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if any("flower-superlink" in part for part in cmdline) and any(marker in part for part in cmdline):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                targets += [proc, *proc.children(recursive=True)]
+    stop_processes(targets)
+    return len(targets)
