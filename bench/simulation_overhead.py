@@ -103,7 +103,7 @@ def plain_loop(args: argparse.Namespace, config: RunConfig) -> tuple[list[float]
             state, result = local_train(config, partition_id, args.clients, server_round, global_state)
             replies.append(
                 RecordDict(
-                    {"arrays": ArrayRecord(state), "metrics": MetricRecord({"n": result.num_examples})}
+                    {"arrays": ArrayRecord(state), "metrics": MetricRecord({"n": result.dataset_size})}
                 )
             )
         global_state = aggregate_arrayrecords(replies, "n").to_torch_state_dict()

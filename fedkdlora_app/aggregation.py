@@ -193,7 +193,7 @@ class UpdateAggregator:
     def rank_may_differ(self) -> bool:
         return self.method == "svd"
 
-    def fit(self, record: ArrayRecord, rank: int) -> ArrayRecord:
+    def for_rank(self, record: ArrayRecord, rank: int) -> ArrayRecord:
         """The global state on the wire, re-factorised to `rank` (what a client of that rank gets)."""
         return to_wire(fit_rank(from_wire(record, self.wire_dtype), rank, self.lora_alpha), self.wire_dtype)
 

@@ -201,7 +201,7 @@ def train(message: Message, context: Context) -> Message:
         config, node.partition_id, node.num_partitions, server_round, _global_state(message, config), teacher
     )
     metrics = MetricRecord(
-        {"num-examples": result.num_examples, "train-loss": result.mean_loss, "train-seconds": result.seconds}
+        {"num-examples": result.dataset_size, "train-loss": result.mean_loss, "train-seconds": result.seconds}
     )
     content = RecordDict(
         {

@@ -15,7 +15,8 @@ from typing import Any
 
 SCHEMES = ("fedavg", "fedlora", "fedkdlora")
 TASKS = ("cola", "sst2")
-PARTITIONINGS = ("seed", "iid", "dirichlet")
+# "seed" is the old name of "contiguous" (the file-order split), still accepted.
+PARTITIONINGS = ("contiguous", "seed", "iid", "dirichlet")
 LORA_AGGREGATIONS = ("naive", "svd")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 DP_CLIPPINGS = ("server", "client")

@@ -62,6 +62,8 @@ class DataError(ValueError):
 def partition_record(config: RunConfig, partition_id: int, num_partitions: int) -> dict:
     """What identifies one client's examples: its partition and the keys that cut it."""
     values = config.to_dict()
+    if values["partitioning"] == "seed":  # old name: the same examples
+        values["partitioning"] = "contiguous"
     return {"partition-id": partition_id, "num-partitions": num_partitions} | {
         key: values[key] for key in PARTITION_KEYS
     }
@@ -143,7 +145,7 @@ def load_split(config: RunConfig, split: str) -> datasets.Dataset:
     return dataset if dataset.features == features else dataset.cast(features)
 
 
-def split_public(
+def public_and_pool(
     train: datasets.Dataset, teacher_data_pct: float
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Return (server's public slice, clients' pool): the first pct % and the rest."""
@@ -151,9 +153,9 @@ def split_public(
     return train.select(range(num_public)), train.select(range(num_public, len(train)))
 
 
-def public_split(config: RunConfig) -> datasets.Dataset:
+def public_slice(config: RunConfig) -> datasets.Dataset:
     """The server's public slice (capped by max-public-examples): the teacher's data."""
-    public, _ = split_public(load_split(config, "train"), config.teacher_data_pct)
+    public, _ = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
     return _first(public, config.max_public_examples)
 
 
@@ -168,8 +170,8 @@ def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
             self_balancing=True,
             seed=config.seed,
         )
-    # `seed`: contiguous equal parts of the pool in file order (the original FedKDLoRA
-    # split); `iid`: the same after a seeded shuffle. IidPartitioner shards contiguously.
+    # `contiguous` (old name `seed`): equal parts of the pool in file order (the original
+    # FedKDLoRA split); `iid`: the same after a seeded shuffle. IidPartitioner shards contiguously.
     return IidPartitioner(num_partitions=num_partitions)
 
 
@@ -179,7 +181,7 @@ def client_train_partition(config: RunConfig, partition_id: int, num_partitions:
         raise DataError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
     if (own := own_partition(config, partition_id, num_partitions, "train")) is not None:
         return own
-    _, pool = split_public(load_split(config, "train"), config.teacher_data_pct)
+    _, pool = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
     if len(pool) < num_partitions:
         raise DataError(f"{len(pool)} client training examples cannot fill {num_partitions} partitions")
     if config.partitioning == "iid":

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 
 from fedkdlora_app.config import RunConfig
-from fedkdlora_app.data import loader_for, public_split
+from fedkdlora_app.data import loader_for, public_slice
 from fedkdlora_app.models import load_classifier, load_shipped_state, shipped_state
 from fedkdlora_app.protocol import TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY
 from fedkdlora_app.results import RunRecorder
@@ -59,9 +59,9 @@ class ServerDistillation:
         self.pretrained_dir = pretrained_dir
         # The run's name: unique, and kept by a resumed run, whose pre-trained teacher is the same.
         self.teacher_id = recorder.name
-        self.public_loader = loader_for(public_split(config), config, shuffle_seed=config.seed)
+        self.public_loader = loader_for(public_slice(config), config, shuffle_seed=config.seed)
         # Clients distil from the pre-trained teacher, as it was before any round changed it.
-        self.client_teacher = teacher_records(pretrained, self.teacher_id) if config.client_kd else {}
+        self.client_teacher_records = teacher_records(pretrained, self.teacher_id) if config.client_kd else {}
 
     def after_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Teacher alone, then teacher + student mutually, on the public slice."""

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.checkpoint import Checkpoint, capture_rng, restore_rng
 from fedkdlora_app.config import RunConfig, run_dir_of
-from fedkdlora_app.data import eval_split, load_split, loader_for, public_split, split_public
+from fedkdlora_app.data import eval_split, load_split, loader_for, public_and_pool, public_slice
 from fedkdlora_app.devices import check_precision, pick_device
 from fedkdlora_app.distillation import ServerDistillation
 from fedkdlora_app.models import (
@@ -64,7 +64,7 @@ def run_federation(
     """Build (or restore) the global student and teacher, run the rounds, save the models."""
     seed_everything(config.seed)
     # Read train here too: a malformed file must stop the run before any client trains.
-    _, client_pool = split_public(load_split(config, "train"), config.teacher_data_pct)
+    _, client_pool = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
     device = pick_device()
     check_precision(config.precision, device)
     # Distillation compares attention maps, which only the eager kernels return.
@@ -78,7 +78,7 @@ def run_federation(
         shipped_parameters=payload_params(initial_arrays),
         shipped_bytes_per_message=payload_bytes(initial_arrays),
         eval_examples=len(eval_loader.dataset),
-        public_examples=len(public_split(config)),  # as used, after max-public-examples
+        public_examples=len(public_slice(config)),  # as used, after max-public-examples
         client_pool_examples=len(client_pool),
         server_device=str(device),
     )
@@ -118,7 +118,7 @@ def run_federation(
         # Under DP the distillation runs on the noised aggregate, outside (private_strategy).
         after_aggregate=None if config.uses_dp else after_aggregate,
         aggregator=UpdateAggregator.from_config(config),
-        once_per_node=distillation.client_teacher if distillation else None,
+        once_per_node=distillation.client_teacher_records if distillation else None,
         # No partition holds more than the cap, or the whole client pool: larger claims are dropped.
         max_examples_per_update=config.max_train_examples_per_client or len(client_pool),
         round_offset=offset,

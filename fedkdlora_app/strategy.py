@@ -167,7 +167,9 @@ class TrackedFedAvg(FedAvg):
             if rank == self.aggregator.rank:
                 continue
             if rank not in fitted:
-                fitted[rank] = self.aggregator.fit(message.content.array_records[self.arrayrecord_key], rank)
+                fitted[rank] = self.aggregator.for_rank(
+                    message.content.array_records[self.arrayrecord_key], rank
+                )
             message.content = RecordDict({**message.content, self.arrayrecord_key: fitted[rank]})
 
     def _count_down(self, server_round: int, stage: str, messages: list[Message]) -> None:

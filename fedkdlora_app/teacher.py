@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import ConfigError, RunConfig
-from fedkdlora_app.data import eval_split, loader_for, public_split
+from fedkdlora_app.data import eval_split, loader_for, public_slice
 from fedkdlora_app.models import (
     EMBEDDED_MODEL_NAME,
     check_same_tokenizer,
@@ -34,7 +34,7 @@ def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTraine
     """Fully fine-tune `teacher-base-model` on the public slice; (teacher, what it was trained on)."""
     check_same_tokenizer(config.student_model, config.teacher_base_model, "teacher-base-model")
     teacher = load_classifier(config.teacher_base_model, config.num_labels, attn_implementation="eager")
-    public = public_split(config)
+    public = public_slice(config)
     result = train_epochs(
         teacher,
         loader_for(public, config, shuffle_seed=config.seed),

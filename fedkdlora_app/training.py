@@ -23,7 +23,7 @@ Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 @dataclass(frozen=True)
 class TrainResult:
     mean_loss: float
-    num_examples: int
+    dataset_size: int  # examples in the loader's dataset (FedAvg's weight), not examples seen
     seconds: float
 
 

@@ -11,8 +11,8 @@ from fedkdlora_app.data import (
     client_train_partition,
     eval_split,
     load_split,
+    public_and_pool,
     read_glue_tsv,
-    split_public,
 )
 from tests.conftest import GLUE_DIR, make_config
 
@@ -48,7 +48,7 @@ def test_missing_file_is_named() -> None:
 
 def test_public_slice_is_the_first_percent() -> None:
     train = load_split(make_config(task="cola"), "train")
-    public, pool = split_public(train, 20.0)
+    public, pool = public_and_pool(train, 20.0)
     assert len(public) == int(8551 * 0.2) == 1710
     assert public["idx"] == list(range(1710))
     assert pool["idx"] == list(range(1710, 8551))

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from fedkdlora_app.config import ConfigError
-from fedkdlora_app.data import loader_for, public_split
+from fedkdlora_app.data import loader_for, public_slice
 from fedkdlora_app.models import ModelError, build_student, load_classifier, shipped_state
 from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.teacher import TEACHER_INFO, build_teacher, load_teacher
@@ -34,7 +34,7 @@ def test_one_distillation_step_moves_lora_and_teacher_but_not_the_frozen_base() 
     shipped_before = {k: v.clone() for k, v in shipped_state(student, config).items()}
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
 
-    loader = loader_for(public_split(config).select(range(8)), config)  # one batch: one step
+    loader = loader_for(public_slice(config).select(range(8)), config)  # one batch: one step
     terms = mutual_distill(
         student, teacher, loader, config.distill_student_lr, config.distill_lr, 1, torch.device("cpu"), "test"
     )
@@ -64,7 +64,7 @@ def test_student_and_teacher_step_at_their_own_rates() -> None:
     teacher = load_classifier("", 2, attn_implementation="eager")
     student_before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
-    loader = loader_for(public_split(config).select(range(8)), config)  # one batch: one step
+    loader = loader_for(public_slice(config).select(range(8)), config)  # one batch: one step
     mutual_distill(student, teacher, loader, 1e-3, 1e-5, 1, torch.device("cpu"), "test")
 
     student_step = max(
@@ -98,7 +98,7 @@ def test_a_nan_in_distillation_names_the_round() -> None:
     teacher = load_classifier("", 2, attn_implementation="eager")
     with torch.no_grad():
         next(p for n, p in teacher.named_parameters() if "classifier.weight" in n).fill_(float("nan"))
-    loader = loader_for(public_split(config).select(range(8)), config)
+    loader = loader_for(public_slice(config).select(range(8)), config)
     with pytest.raises(FloatingPointError, match="round 3: mutual distillation: loss became nan"):
         mutual_distill(
             student, teacher, loader, 1e-5, 1e-5, 1, torch.device("cpu"), "round 3: mutual distillation"

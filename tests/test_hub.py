@@ -26,8 +26,8 @@ from fedkdlora_app.data import (
     load_split,
     loader_for,
     make_loader,
-    public_split,
-    split_public,
+    public_and_pool,
+    public_slice,
 )
 from fedkdlora_app.losses import attention_layer_map, attention_mse
 from fedkdlora_app.models import (
@@ -196,7 +196,7 @@ def test_distilbert_student_distils_from_the_12_layer_bert_through_the_6_to_12_m
     torch.manual_seed(0)
     student = build_student(config, attn_implementation="eager")
     teacher = load_classifier(config.teacher_base_model, 2, attn_implementation="eager")
-    loader = loader_for(public_split(config).select(range(8)), config)  # one batch: one step
+    loader = loader_for(public_slice(config).select(range(8)), config)  # one batch: one step
     batch = {k: v for k, v in next(iter(loader)).items() if k != "labels"}
     student.eval(), teacher.eval()
     with torch.no_grad():
@@ -245,10 +245,10 @@ def test_the_networked_recipe_runs_offline_bert_to_distilbert_on_hub_glue(offlin
     assert code == 0, results and results["run"]["error"]
     assert results["teacher"]["base-model"] == TEACHER_ID and results["model"]["student_layers"] == 6
     tsv = _pair_config(pair, **{"results-dir": str(tmp_path)})
-    _, pool = split_public(load_split(tsv, "train"), tsv.teacher_data_pct)
+    _, pool = public_and_pool(load_split(tsv, "train"), tsv.teacher_data_pct)
     assert results["model"]["client_pool_examples"] == len(pool) == 6841
     assert results["model"]["eval_examples"] == len(eval_split(tsv)) == 32
-    assert results["teacher"]["public-examples"] == len(public_split(tsv)) == 16
+    assert results["teacher"]["public-examples"] == len(public_slice(tsv)) == 16
     clients = results["rounds"][1]["clients"]
     assert clients["train"]["num-examples"] == sum(len(client_train_partition(tsv, i, 2)) for i in range(2))
     assert clients["evaluate"]["num-examples"] == 32
