@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedkdlora_app.config import RunConfig
-from fedkdlora_app.models import LORA_A, LORA_B
+from fedkdlora_app.protocol import LORA_A, LORA_B
 from fedkdlora_app.wire import from_wire, to_wire
 
 

@@ -32,8 +32,13 @@ from fedkdlora_app.models import (
     shipped_state,
 )
 from fedkdlora_app.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
     NO_TEACHER,
+    NUM_EXAMPLES_KEY,
     PLACEMENT_KEY,
+    SERVER_ROUND_KEY,
     TEACHER_ARRAYS_KEY,
     TEACHER_CONFIG_KEY,
     TEACHER_ID_KEY,
@@ -173,7 +178,7 @@ def frozen_teacher(message: Message, node: NodeRun) -> torch.nn.Module:
     """
     if node.teacher_path:
         return _teacher_from_path(node.teacher_path, node.config.num_labels)
-    teacher_id = str(message.content.config_records["config"].get(TEACHER_ID_KEY, ""))
+    teacher_id = str(message.content.config_records[CONFIG_KEY].get(TEACHER_ID_KEY, ""))
     folder = teacher_cache(node) / re.sub(r"[^A-Za-z0-9._-]+", "-", teacher_id)
     if TEACHER_ARRAYS_KEY in message.content:
         keep_shipped_teacher(message.content, folder)
@@ -187,7 +192,7 @@ def frozen_teacher(message: Message, node: NodeRun) -> torch.nn.Module:
 
 
 def _global_state(message: Message, config: RunConfig) -> dict[str, torch.Tensor]:
-    return from_wire(message.content.array_records["arrays"], config.wire_dtype)
+    return from_wire(message.content.array_records[ARRAYS_KEY], config.wire_dtype)
 
 
 @app.train()
@@ -195,18 +200,22 @@ def train(message: Message, context: Context) -> Message:
     started = time.time()
     node = node_run_of(context)
     config = node.config
-    server_round = int(message.content.config_records["config"]["server-round"])
+    server_round = int(message.content.config_records[CONFIG_KEY][SERVER_ROUND_KEY])
     teacher = frozen_teacher(message, node) if config.client_kd else None
     state, result = local_train(
         config, node.partition_id, node.num_partitions, server_round, _global_state(message, config), teacher
     )
     metrics = MetricRecord(
-        {"num-examples": result.dataset_size, "train-loss": result.mean_loss, "train-seconds": result.seconds}
+        {
+            NUM_EXAMPLES_KEY: result.dataset_size,
+            "train-loss": result.mean_loss,
+            "train-seconds": result.seconds,
+        }
     )
     content = RecordDict(
         {
-            "arrays": to_wire(state, config.wire_dtype),
-            "metrics": metrics,
+            ARRAYS_KEY: to_wire(state, config.wire_dtype),
+            METRICS_KEY: metrics,
             PLACEMENT_KEY: ConfigRecord(placement(client_device(config), started)),
         }
     )

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedkdlora_app.errors import ConfigError
+
 SCHEMES = ("fedavg", "fedlora", "fedkdlora")
 TASKS = ("cola", "sst2")
 # "seed" is the old name of "contiguous" (the file-order split), still accepted.
@@ -36,10 +38,6 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
     from flwr.common.config import get_project_config
 
     return dict(get_project_config(app_dir)["tool"]["flwr"]["app"]["config"])
-
-
-class ConfigError(ValueError):
-    """A run-config value that the app cannot use; the message names the key."""
 
 
 @dataclass(frozen=True)

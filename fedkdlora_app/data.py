@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from fedkdlora_app.config import RunConfig
+from fedkdlora_app.errors import DataError
 from fedkdlora_app.models import load_tokenizer
 
 HUB_DATASET = "nyu-mll/glue"
@@ -53,10 +54,6 @@ def glue_features(task: str) -> datasets.Features:
             "idx": datasets.Value("int32"),
         }
     )
-
-
-class DataError(ValueError):
-    """A data file or partition the app cannot use; the message names it."""
 
 
 def partition_record(config: RunConfig, partition_id: int, num_partitions: int) -> dict:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedkdlora_app.models import ModelError
+from fedkdlora_app.errors import ModelError
 
 
 def attention_layer_map(teacher_layers: int, student_layers: int) -> list[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,20 +25,32 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import RunConfig
+from fedkdlora_app.errors import ModelError
+from fedkdlora_app.protocol import LORA_A
 
 EMBEDDED_MODEL_NAME = "all-MiniLM-L6-v2"
-# How PEFT names a LoRA pair's factors in state-dict keys.
-LORA_A, LORA_B = ".lora_A.", ".lora_B."
-
-# A fresh head's "newly initialised" load report and the weight-loading progress bar are
-# expected on every load; PEFT still calls a renamed transformers method.
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-class ModelError(ValueError):
-    """A model setting the app cannot use; the message names the key or path."""
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence what every load prints by design, only while loading, for this app's calls only.
+
+    A fresh head's "newly initialised" report and the weight-loading progress bar come
+    with every load; PEFT still calls a renamed transformers method. Settings are restored
+    afterwards, so importing or using this module changes nothing for other code.
+    """
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def resolve_model_source(name: str) -> str:
@@ -51,7 +65,8 @@ def resolve_model_source(name: str) -> str:
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer of `name` (the student's and teacher's must be the same)."""
-    return AutoTokenizer.from_pretrained(resolve_model_source(name))
+    with quiet_loading():
+        return AutoTokenizer.from_pretrained(resolve_model_source(name))
 
 
 def strided_layer_indices(total: int, keep: int) -> list[int]:
@@ -95,7 +110,10 @@ def load_classifier(
     source = resolve_model_source(name)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+        with quiet_loading():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, **kwargs
+            )
     except OSError as error:
         raise ModelError(f"cannot load model '{name or EMBEDDED_MODEL_NAME}': {error}") from error
     if num_layers:
@@ -147,7 +165,8 @@ def build_student(config: RunConfig, attn_implementation: str | None = None) -> 
         config.student_model, config.num_labels, config.student_layers, attn_implementation
     )
     if config.uses_lora:
-        model = get_peft_model(model, lora_config(config, model.config.model_type))
+        with quiet_loading():
+            model = get_peft_model(model, lora_config(config, model.config.model_type))
         if config.lora_freeze_a:
             for name, parameter in model.named_parameters():
                 if LORA_A in name:

@@ -16,3 +16,15 @@ TEACHER_ID_KEY = "client-kd-teacher"
 NO_TEACHER = "has no client-KD teacher"
 # In every ClientApp reply: where the client computed (`devices.placement`), for the results JSON.
 PLACEMENT_KEY = "placement"
+# Flower's record keys for the model and the round's config (FedAvg's defaults, named here
+# so the ClientApp reads what the strategy writes), and the train reply's example count.
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+SERVER_ROUND_KEY = "server-round"
+NUM_EXAMPLES_KEY = "num-examples"
+METRICS_KEY = "metrics"
+
+# The shipped state (`models.shipped_state`, encoded by `wire.to_wire`): PEFT's state-dict
+# keys (adapter + head) under the LoRA schemes, the whole `state_dict` under FedAvg. This is
+# how PEFT names a LoRA pair's factors in those keys.
+LORA_A, LORA_B = ".lora_A.", ".lora_B."

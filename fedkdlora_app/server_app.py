@@ -8,6 +8,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.checkpoint import Checkpoint, capture_rng, restore_rng
@@ -26,6 +27,7 @@ from fedkdlora_app.protocol import TEACHER_ID_KEY
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.strategy import (
+    ServerStep,
     TrackedFedAvg,
     payload_bytes,
     payload_params,
@@ -112,11 +114,8 @@ def run_federation(
         Checkpoint(server_round, global_state, teacher_state, capture_rng(generators)).save(recorder.run_dir)
         return MetricRecord(metrics["student"])
 
-    after_aggregate = distillation.after_aggregate if distillation else None
-    strategy = TrackedFedAvg(
+    strategy: Strategy = TrackedFedAvg(
         recorder,
-        # Under DP the distillation runs on the noised aggregate, outside (private_strategy).
-        after_aggregate=None if config.uses_dp else after_aggregate,
         aggregator=UpdateAggregator.from_config(config),
         once_per_node=distillation.client_teacher_records if distillation else None,
         # No partition holds more than the cap, or the whole client pool: larger claims are dropped.
@@ -130,7 +129,9 @@ def run_federation(
         min_available_nodes=config.min_available_nodes,
     )
     if config.uses_dp:
-        strategy = private_strategy(strategy, config, after_aggregate)
+        strategy = private_strategy(strategy, config)
+    if distillation is not None:  # outermost: under DP it distils the noised aggregate
+        strategy = ServerStep(strategy, distillation.after_aggregate, round_offset=offset)
     # With client KD every train message names the teacher, so a node can find its cached copy.
     train_config = ConfigRecord({TEACHER_ID_KEY: distillation.teacher_id} if config.client_kd else {})
     result = strategy.start(

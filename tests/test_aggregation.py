@@ -12,7 +12,7 @@ from sklearn.metrics import matthews_corrcoef
 
 from fedkdlora_app.metrics import EvalCounts, aggregate_evaluate_metrics
 from fedkdlora_app.results import RunRecorder
-from fedkdlora_app.strategy import TrackedFedAvg, payload_bytes
+from fedkdlora_app.strategy import ServerStep, TrackedFedAvg, payload_bytes
 from tests.conftest import make_config, train_reply
 
 
@@ -37,17 +37,68 @@ def test_weighted_average_matches_hand_computation(recorder: RunRecorder) -> Non
     assert comm["per_node"]["11"]["up_bytes"] == payload_bytes(ArrayRecord(a))
 
 
-def test_after_aggregate_hook_decides_the_next_global_model(recorder: RunRecorder) -> None:
-    seen = {}
+class EchoGrid:
+    """A Flower grid whose node `n` answers a train message with the arrays it got plus `n`.
 
-    def double(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        seen["round"] = server_round
-        return ArrayRecord([array.numpy() * 2 for array in arrays.values()])
+    What each node received is kept, so a test can see what became the next global model.
+    """
 
-    strategy = TrackedFedAvg(recorder, after_aggregate=double)
-    arrays, _ = strategy.aggregate_train(3, [train_reply(1, [np.ones(2, dtype=np.float32)], 5)])
-    assert seen["round"] == 3
-    np.testing.assert_array_equal(next(iter(arrays.values())).numpy(), [2.0, 2.0])
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+        self.received: list[tuple[str, int, list[np.ndarray]]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        replies = []
+        for index, message in enumerate(messages):
+            node = message.metadata.dst_node_id
+            message.metadata.__dict__["_message_id"] = f"{message.metadata.message_type}-{node}-{index}"
+            arrays = [array.numpy() for array in message.content.array_records["arrays"].values()]
+            self.received.append((message.metadata.message_type, node, arrays))
+            TaskIdentity.node_id = node
+            if message.metadata.message_type == "train":
+                content = RecordDict(
+                    {
+                        "arrays": ArrayRecord([a + node for a in arrays]),
+                        "metrics": MetricRecord(
+                            {"num-examples": 10, "train-loss": 0.5, "train-seconds": 1.0}
+                        ),
+                    }
+                )
+            else:
+                counts = EvalCounts(loss_sum=1.0, tn=1, fp=0, fn=0, tp=1)
+                content = RecordDict({"metrics": MetricRecord(counts.metrics())})
+            replies.append(Message(content, reply_to=message))
+        TaskIdentity.node_id = 0
+        return replies
+
+
+def test_the_server_step_output_is_the_next_rounds_global_model(recorder: RunRecorder) -> None:
+    """Through Flower's own `Strategy.start`: what the aggregate + step return is what nodes train next."""
+    seen_rounds = []
+
+    def plus_ten(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        seen_rounds.append(server_round)
+        return ArrayRecord([array.numpy() + 10 for array in arrays.values()])
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    inner = TrackedFedAvg(recorder, round_offset=2, min_available_nodes=2)
+    strategy = ServerStep(inner, plus_ten, round_offset=2)
+    grid = EchoGrid([1, 2])
+    result = strategy.start(
+        grid=grid, initial_arrays=ArrayRecord([np.zeros(2, dtype=np.float32)]), num_rounds=2
+    )
+    train = [(node, arrays[0]) for kind, node, arrays in grid.received if kind == "train"]
+    # round 1: both get 0 and return 1 and 2: mean 1.5, then the step: 11.5, which round 2 trains from
+    assert sorted(node for node, _ in train[:2]) == sorted(node for node, _ in train[2:]) == [1, 2]
+    np.testing.assert_array_equal(
+        np.stack([a for _, a in train]), [[0, 0], [0, 0], [11.5, 11.5], [11.5, 11.5]]
+    )
+    np.testing.assert_array_equal(result.arrays["0"].numpy(), [23.0, 23.0])  # mean(12.5, 13.5) + 10
+    assert seen_rounds == [3, 4]  # rounds of the resumed run, not Flower's 1 and 2
+    assert recorder.round(3)["aggregated_updates"] == recorder.round(4)["aggregated_updates"] == 2
 
 
 def test_client_mcc_comes_from_summed_confusion_counts() -> None:
@@ -82,7 +133,7 @@ def test_failed_replies_are_recorded_not_aggregated(recorder: RunRecorder) -> No
 
 def _sent(strategy: TrackedFedAvg, arrays: list[np.ndarray]) -> None:
     """What configure_train would have remembered as the arrays sent this round."""
-    strategy._sent_arrays = ArrayRecord(arrays)
+    strategy.screen.sent = ArrayRecord(arrays)
 
 
 GLOBAL = [np.zeros(2, dtype=np.float32), np.zeros((1, 1), dtype=np.float32)]
@@ -152,11 +203,15 @@ def test_one_time_records_go_to_new_nodes_only(recorder: RunRecorder) -> None:
     shared = RecordDict({"arrays": ArrayRecord(GLOBAL), "config": ConfigRecord({"server-round": 1})})
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     messages = [Message(shared, dst_node_id=node, message_type="train") for node in (1, 2)]
-    strategy._attach_once_per_node(1, messages)
+    strategy.ledger.sent(1, "train", messages)
+    for node_id, record in strategy.once_per_node.attach(messages):
+        strategy.ledger.sent_extra(1, node_id, "teacher", record)
     assert all("teacher" in m.content for m in messages) and "teacher" not in shared
     strategy.aggregate_train(1, [train_reply(1, GLOBAL, 5)])  # node 1 replied; node 2 did not
     again = [Message(shared, dst_node_id=node, message_type="train") for node in (1, 2)]
-    strategy._attach_once_per_node(2, again)
+    strategy.ledger.sent(2, "train", again)
+    for node_id, record in strategy.once_per_node.attach(again):
+        strategy.ledger.sent_extra(2, node_id, "teacher", record)
     assert "teacher" not in again[0].content and "teacher" in again[1].content
     teacher_bytes = [recorder.round(r)["communication"]["down_bytes_teacher"] for r in (1, 2)]
     assert teacher_bytes == [2 * payload_bytes(teacher), payload_bytes(teacher)]
@@ -169,7 +224,7 @@ def _sent_messages(strategy: TrackedFedAvg, nodes: list[int]) -> list[Message]:
     messages = [Message(content, dst_node_id=node, message_type="train") for node in nodes]
     for index, message in enumerate(messages):
         message.metadata.__dict__["_message_id"] = f"message-{index}"
-    strategy._count_down(1, "train", messages)
+    strategy.ledger.sent(1, "train", messages)
     return messages
 
 
@@ -193,7 +248,7 @@ def test_a_node_that_lost_the_client_kd_teacher_is_sent_it_again(recorder: RunRe
 
     teacher = ArrayRecord([np.ones(10, dtype=np.float32)])
     strategy = TrackedFedAvg(recorder, once_per_node={"teacher": teacher})
-    strategy._nodes_served_once = {1, 2}  # both replied in an earlier round
+    strategy.once_per_node.served = {1, 2}  # both replied in an earlier round
     sent = _sent_messages(strategy, [1, 2])
     TaskIdentity.node_id = 2
     lost = Message(Error(code=0, reason=f"RuntimeError: this node {NO_TEACHER} 'run'"), reply_to=sent[1])
@@ -201,7 +256,7 @@ def test_a_node_that_lost_the_client_kd_teacher_is_sent_it_again(recorder: RunRe
     good.metadata.__dict__["_reply_to_message_id"] = sent[0].metadata.message_id
     strategy.aggregate_train(1, [good, lost])
     again = _sent_messages(strategy, [1, 2])
-    strategy._attach_once_per_node(2, again)
+    strategy.once_per_node.attach(again)
     assert "teacher" not in again[0].content and "teacher" in again[1].content
 
 

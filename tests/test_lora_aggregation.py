@@ -12,7 +12,7 @@ from fedkdlora_app.aggregation import UpdateAggregator, delta_weight, fit_rank, 
 from fedkdlora_app.config import ConfigError
 from fedkdlora_app.models import build_student, shipped_state
 from fedkdlora_app.results import RunRecorder
-from fedkdlora_app.strategy import TrackedFedAvg, TrackedServerSideClippingDP, payload_bytes
+from fedkdlora_app.strategy import ServerStep, TrackedFedAvg, TrackedServerSideClippingDP, payload_bytes
 from fedkdlora_app.wire import from_wire, to_wire
 from tests.conftest import make_config, train_reply
 
@@ -184,7 +184,7 @@ def recorder(tmp_path) -> RunRecorder:
 def _server_side_dp(recorder: RunRecorder, noise: float, clipping: float) -> TrackedServerSideClippingDP:
     inner = TrackedFedAvg(recorder)
     dp = TrackedServerSideClippingDP(inner, noise, clipping, 2)
-    dp.current_arrays = inner._sent_arrays = ArrayRecord([np.zeros(4, dtype=np.float32)])
+    dp.current_arrays = inner.screen.sent = ArrayRecord([np.zeros(4, dtype=np.float32)])
     return dp
 
 
@@ -202,8 +202,10 @@ def test_server_side_dp_clips_each_update_to_the_norm(recorder: RunRecorder) -> 
 
 def test_a_failed_client_under_dp_skips_the_round_and_is_recorded(recorder: RunRecorder) -> None:
     seen = []
-    dp = _server_side_dp(recorder, noise=1.0, clipping=1.0)
-    dp.after_aggregate = lambda server_round, arrays: seen.append(server_round) or arrays
+    dp = ServerStep(
+        _server_side_dp(recorder, noise=1.0, clipping=1.0),
+        lambda server_round, arrays: seen.append(server_round) or arrays,
+    )
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     instruction = Message(RecordDict({}), dst_node_id=2, message_type="train")
     TaskIdentity.node_id = 2
@@ -242,7 +244,7 @@ QUERY, VALUE = MODULES
 def test_an_update_the_aggregation_cannot_use_is_dropped_not_fatal(recorder, method, ranks, problems) -> None:
     """One place decides what the aggregation can take; a bad reply never reaches it (issue: svd crashed)."""
     strategy = TrackedFedAvg(recorder, aggregator=UpdateAggregator(method, "float32", ALPHA, 4))
-    strategy._sent_arrays = to_wire(client_state(4, 0), "float32")
+    strategy.screen.sent = to_wire(client_state(4, 0), "float32")
     good, bad = _lora_reply(1, {}, 30), _lora_reply(2, ranks, 10)
     arrays, metrics = strategy.aggregate_train(1, [good, bad])
     problem = problems[method]
@@ -259,7 +261,7 @@ def test_an_update_the_aggregation_cannot_use_is_dropped_not_fatal(recorder, met
 
 def test_a_factor_whose_other_dimension_differs_from_the_sent_one_is_dropped(recorder) -> None:
     strategy = TrackedFedAvg(recorder, aggregator=UpdateAggregator("svd", "float32", ALPHA, 4))
-    strategy._sent_arrays = to_wire(client_state(4, 0), "float32")
+    strategy.screen.sent = to_wire(client_state(4, 0), "float32")
     bad = client_state(4, 2)
     bad[f"{QUERY}.lora_A.weight"] = torch.ones(4, 9)  # in-features 5 were sent
     arrays, metrics = strategy.aggregate_train(

@@ -1,0 +1,52 @@
+"""The shape a newcomer relies on: what a SuperNode receives, and imports without side effects."""
+
+from __future__ import annotations
+
+import ast
+import io
+import subprocess
+import sys
+import zipfile
+
+from flwr.cli.build import build_fab_from_disk
+
+from tests.conftest import REPO
+
+
+def test_the_fab_every_supernode_receives_holds_the_app_package_only() -> None:
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO))).namelist()
+    code = [name for name in names if name.endswith(".py")]
+    assert "fedkdlora_app/server_app.py" in code and "fedkdlora_app/client_app.py" in code
+    assert all(name.startswith("fedkdlora_app/") for name in code), code
+    assert sorted(set(names) - set(code)) == [".info/CONTENT", "pyproject.toml"]
+
+
+def test_importing_the_app_changes_nothing_for_other_code() -> None:
+    """Importing every app module leaves transformers' logging and warnings filters as they were.
+
+    The libraries it builds on are imported first: torch, peft and datasets add filters of their own.
+    """
+    modules = sorted(p.stem for p in (REPO / "fedkdlora_app").glob("*.py") if p.stem != "__init__")
+    script = f"""
+import warnings, transformers, torch, peft, datasets, flwr_datasets, flwr.serverapp, flwr.clientapp
+before = (transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled(),
+          list(warnings.filters))
+import importlib
+for name in {modules!r}:
+    importlib.import_module("fedkdlora_app." + name)
+after = (transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled(),
+         list(warnings.filters))
+assert before == after, (before[:2], after[:2], len(before[2]), len(after[2]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_leaf_modules_import_nothing_from_the_app() -> None:
+    """Constants and exceptions both sides use live in modules that depend on no other app module."""
+    for leaf in ("protocol", "errors"):
+        tree = ast.parse((REPO / "fedkdlora_app" / f"{leaf}.py").read_text())
+        imported = [
+            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+        ]
+        assert not [m for m in imported if m.startswith("fedkdlora_app")], (leaf, imported)
