@@ -159,18 +159,21 @@ def build_student(config: RunConfig, attn_implementation: str | None = None) -> 
     """The student every party starts from, identical everywhere (seeded head and LoRA A).
 
     With `lora-freeze-a` the A factors never travel, so every party must draw the same.
+    The draws come from a forked generator seeded with `seed`: the caller's random state
+    is left as it was.
     """
-    torch.manual_seed(config.seed)
-    model = load_classifier(
-        config.student_model, config.num_labels, config.student_layers, attn_implementation
-    )
-    if config.uses_lora:
-        with quiet_loading():
-            model = get_peft_model(model, lora_config(config, model.config.model_type))
-        if config.lora_freeze_a:
-            for name, parameter in model.named_parameters():
-                if LORA_A in name:
-                    parameter.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = load_classifier(
+            config.student_model, config.num_labels, config.student_layers, attn_implementation
+        )
+        if config.uses_lora:
+            with quiet_loading():
+                model = get_peft_model(model, lora_config(config, model.config.model_type))
+    if config.uses_lora and config.lora_freeze_a:
+        for name, parameter in model.named_parameters():
+            if LORA_A in name:
+                parameter.requires_grad_(False)
     return model
 
 

@@ -50,3 +50,20 @@ def test_leaf_modules_import_nothing_from_the_app() -> None:
             node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
         ]
         assert not [m for m in imported if m.startswith("fedkdlora_app")], (leaf, imported)
+
+
+def test_building_the_student_leaves_the_callers_random_state_alone() -> None:
+    import torch
+
+    from fedkdlora_app.models import build_student
+    from tests.conftest import make_config
+
+    config = make_config(scheme="fedlora")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_student(config)
+    assert torch.equal(torch.rand(3), expected)  # as if the student had not been built
+    second = build_student(config)  # and the student is the same, whatever the state before
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
