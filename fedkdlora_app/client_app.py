@@ -210,6 +210,7 @@ def train(message: Message, context: Context) -> Message:
             NUM_EXAMPLES_KEY: result.dataset_size,
             "train-loss": result.mean_loss,
             "train-seconds": result.seconds,
+            "train-examples-seen": result.examples_seen,
         }
     )
     content = RecordDict(

@@ -91,6 +91,8 @@ class RunConfig:
     resume_from: str
     round_timeout: float
     precision: str
+    progress_interval: float
+    server_step_overlap: bool
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], check_files: bool = True) -> RunConfig:
@@ -241,6 +243,11 @@ class RunConfig:
             raise ConfigError(f"run-config key 'dirichlet-alpha' = {self.dirichlet_alpha}: must be > 0")
         if self.round_timeout <= 0:
             raise ConfigError(f"run-config key 'round-timeout' = {self.round_timeout}: must be > 0 (seconds)")
+        if self.progress_interval < 0:
+            raise ConfigError(
+                f"run-config key 'progress-interval' = {self.progress_interval}: "
+                "must be >= 0 (seconds; 0 = off)"
+            )
 
     def _validate_lora_options(self) -> None:
         """LoRA aggregation, FFA-LoRA, heterogeneous ranks and DP: the combinations that make sense."""

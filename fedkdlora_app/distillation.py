@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -14,10 +17,11 @@ from flwr.common.logger import log
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.data import loader_for, public_slice
 from fedkdlora_app.models import load_classifier, load_shipped_state, shipped_state
+from fedkdlora_app.progress import Progress, phase_progress
 from fedkdlora_app.protocol import TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.teacher import build_teacher, save_teacher
-from fedkdlora_app.training import mutual_distill, train_epochs
+from fedkdlora_app.training import TrainResult, mutual_distill, train_epochs
 from fedkdlora_app.wire import from_wire, to_wire
 
 
@@ -62,22 +66,50 @@ class ServerDistillation:
         self.public_loader = loader_for(public_slice(config), config, shuffle_seed=config.seed)
         # Clients distil from the pre-trained teacher, as it was before any round changed it.
         self.client_teacher_records = teacher_records(pretrained, self.teacher_id) if config.client_kd else {}
+        self._teacher_phase: Background | None = None
+        self._undo: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+
+    def start_teacher_phase(self, server_round: int) -> None:
+        """With `server-step-overlap`: train the teacher alone now, while the clients train.
+
+        That phase needs only the previous round's teacher, not the clients' aggregate. The
+        server's other work until `after_aggregate` (sampling, messaging, averaging) draws no
+        torch random numbers, so the result is the sequential order's, bit for bit.
+        """
+        if not self.config.server_step_overlap:
+            return
+        self._undo = (
+            {k: v.detach().clone() for k, v in self.teacher.state_dict().items()},
+            torch.get_rng_state(),
+            self.public_loader.generator.get_state(),
+        )
+        self._teacher_phase = Background(lambda: self._train_teacher_alone(server_round))
+
+    def skip_round(self, server_round: int) -> None:
+        """No aggregate this round, so no server step: undo an overlapped teacher phase."""
+        if self._teacher_phase is None:
+            return
+        self._teacher_phase.result()
+        self._teacher_phase = None
+        teacher_state, torch_rng, public_rng = self._undo
+        self.teacher.load_state_dict(teacher_state)
+        torch.set_rng_state(torch_rng)
+        self.public_loader.generator.set_state(public_rng)
+        log(INFO, "round %d: nothing aggregated, the overlapped teacher phase is undone", server_round)
 
     def after_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        """Teacher alone, then teacher + student mutually, on the public slice."""
+        """Teacher alone (unless it ran during the clients' training), then teacher + student mutually."""
         config = self.config
         started = time.perf_counter()
+        overlapped = self._teacher_phase is not None
+        if overlapped:
+            teacher_result = self._teacher_phase.result()
+            self._teacher_phase = None
+        else:
+            teacher_result = self._train_teacher_alone(server_round)
+        waited = time.perf_counter() - started
         load_shipped_state(self.student, from_wire(arrays, config.wire_dtype), config)
-        teacher_result = train_epochs(
-            self.teacher,
-            self.public_loader,
-            config.distill_lr,
-            config.teacher_epochs,
-            self.device,
-            linear_decay=True,
-            what=f"round {server_round}: teacher training",
-            precision=config.precision,
-        )
+        mutual_started = time.perf_counter()
         terms = mutual_distill(
             self.student,
             self.teacher,
@@ -88,14 +120,83 @@ class ServerDistillation:
             self.device,
             what=f"round {server_round}: mutual distillation",
             precision=config.precision,
+            progress=self._progress(f"round {server_round}: mutual distillation", config.kd_epochs),
         )
-        seconds = time.perf_counter() - started
+        mutual_seconds = time.perf_counter() - mutual_started
+        on_critical_path = time.perf_counter() - started
         self.recorder.set_distillation(
             server_round,
-            {"teacher-train-loss": teacher_result.mean_loss, "last-step": terms, "seconds": seconds},
+            {
+                "teacher-train-loss": teacher_result.mean_loss,
+                "last-step": terms,
+                "seconds": teacher_result.seconds + mutual_seconds,
+                "teacher-seconds": teacher_result.seconds,
+                "mutual-seconds": mutual_seconds,
+                "overlapped": overlapped,
+                # what the round waited for after aggregation: the rest ran during client training
+                "critical-path-seconds": on_critical_path,
+                "teacher-wait-seconds": waited if overlapped else 0.0,
+            },
         )
-        log(INFO, "round %d: server distillation %.1f s, last step %s", server_round, seconds, _fmt(terms))
+        log(
+            INFO,
+            "round %d: server step %.1f s after aggregation (teacher alone %.1f s%s, mutual %.1f s), "
+            "last step %s",
+            server_round,
+            on_critical_path,
+            teacher_result.seconds,
+            ", during client training" if overlapped else "",
+            mutual_seconds,
+            _fmt(terms),
+        )
         return to_wire(shipped_state(self.student, config), config.wire_dtype)
+
+    def _train_teacher_alone(self, server_round: int) -> TrainResult:
+        config = self.config
+        return train_epochs(
+            self.teacher,
+            self.public_loader,
+            config.distill_lr,
+            config.teacher_epochs,
+            self.device,
+            linear_decay=True,
+            what=f"round {server_round}: teacher training",
+            precision=config.precision,
+            progress=self._progress(f"round {server_round}: teacher alone", config.teacher_epochs),
+        )
+
+    def _progress(self, what: str, epochs: int) -> Progress | None:
+        loader = self.public_loader
+        return phase_progress(
+            what, len(loader), loader.batch_size or 1, epochs, self.config.progress_interval
+        )
+
+
+class Background:
+    """One function run in a thread; `result()` joins it and returns its value or raises its error.
+
+    Torch releases the GIL in its kernels, so the thread computes while the main thread
+    waits for the clients' replies.
+    """
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = work()
+            except BaseException as error:  # re-raised in the thread that joins
+                self._error = error
+
+        self._thread = threading.Thread(target=run, name="fedkdlora-teacher-phase", daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def teacher_records(teacher: torch.nn.Module, teacher_id: str) -> dict[str, ArrayRecord | ConfigRecord]:

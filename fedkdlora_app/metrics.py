@@ -81,7 +81,8 @@ def aggregate_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) 
 
 
 def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Example-weighted mean training loss, total examples, slowest client's and all clients' seconds."""
+    """Example-weighted mean training loss, total examples, slowest client's and all clients' seconds,
+    and the examples the clients trained on (their progress; with local-epochs > 1, more than the total)."""
     from flwr.app import MetricRecord
 
     all_metrics = [m for record in records for m in record.metric_records.values()]
@@ -94,5 +95,7 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> 
             weighted_by_key: total,
             "train-seconds-max": max(float(m["train-seconds"]) for m in all_metrics),
             "train-seconds-sum": sum(float(m["train-seconds"]) for m in all_metrics),
+            # the clients' progress: examples trained on, over all epochs
+            "train-examples-seen": sum(int(m.get("train-examples-seen", 0)) for m in all_metrics),
         }
     )

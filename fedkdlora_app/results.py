@@ -24,7 +24,7 @@ SCHEMA_VERSION = 1
 _PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "datasets", "scikit-learn")
 MB = 1e6
 # Keys a resumed run may change: where to resume from, and how many rounds in all.
-RESUMABLE_CHANGES = ("resume-from", "num-server-rounds")
+RESUMABLE_CHANGES = ("resume-from", "num-server-rounds", "progress-interval", "server-step-overlap")
 # Run-config keys added after the first results were written, with the behaviour runs had before.
 ADDED_KEY_DEFAULTS = {
     "lora-aggregation": "naive",
@@ -37,6 +37,8 @@ ADDED_KEY_DEFAULTS = {
     "round-timeout": 3600.0,
     "precision": "float32",
     "distill-student-lr": 2e-5,  # the student trained at distill-lr, whose default was 2e-5
+    "progress-interval": 0.0,
+    "server-step-overlap": False,
 }
 
 

@@ -23,6 +23,7 @@ from fedkdlora_app.models import (
     save_student,
     shipped_state,
 )
+from fedkdlora_app.progress import Progress, phase_progress
 from fedkdlora_app.protocol import TEACHER_ID_KEY
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
@@ -102,10 +103,18 @@ def run_federation(
         server_round += offset
         global_state = from_wire(arrays, config.wire_dtype)
         load_shipped_state(student, global_state, config)
-        metrics = {"student": evaluate(student, eval_loader, device, config.precision).metrics()}
+
+        def progress(role: str) -> Progress | None:
+            batches, size = len(eval_loader), eval_loader.batch_size or 1
+            return phase_progress(f"round {server_round}: {role} evaluation", batches, size, 1, interval)
+
+        interval = config.progress_interval
+        metrics = {
+            "student": evaluate(student, eval_loader, device, config.precision, progress("student")).metrics()
+        }
         if distillation is not None:
             metrics["teacher"] = evaluate(
-                distillation.teacher, eval_loader, device, config.precision
+                distillation.teacher, eval_loader, device, config.precision, progress("teacher")
             ).metrics()
         recorder.finish_round(server_round, metrics)
         teacher_state = (
@@ -131,7 +140,13 @@ def run_federation(
     if config.uses_dp:
         strategy = private_strategy(strategy, config)
     if distillation is not None:  # outermost: under DP it distils the noised aggregate
-        strategy = ServerStep(strategy, distillation.after_aggregate, round_offset=offset)
+        strategy = ServerStep(
+            strategy,
+            distillation.after_aggregate,
+            round_offset=offset,
+            before_train=distillation.start_teacher_phase,
+            without_aggregate=distillation.skip_round,
+        )
     # With client KD every train message names the teacher, so a node can find its cached copy.
     train_config = ConfigRecord({TEACHER_ID_KEY: distillation.teacher_id} if config.client_kd else {})
     result = strategy.start(

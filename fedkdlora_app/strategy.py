@@ -312,17 +312,31 @@ class ServerStep(Strategy):
     global model: under DP, the noised aggregate (distillation on public data is then
     post-processing and keeps the privacy guarantee). In Flower 1.42 the aggregate
     becomes the global model only through `aggregate_train`'s return value.
+    `before_train` runs as the train messages go out (work that can overlap the
+    clients' training); `without_aggregate` when a round aggregated nothing.
     """
 
-    def __init__(self, strategy: Strategy, step: AfterAggregate, round_offset: int = 0) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        step: AfterAggregate,
+        round_offset: int = 0,
+        before_train: Callable[[int], None] | None = None,
+        without_aggregate: Callable[[int], None] | None = None,
+    ) -> None:
         self.strategy = strategy
         self.step = step
         self.round_offset = round_offset
+        self.before_train = before_train
+        self.without_aggregate = without_aggregate
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if messages and self.before_train is not None:
+            self.before_train(server_round + self.round_offset)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -330,6 +344,8 @@ class ServerStep(Strategy):
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
             arrays = self.step(server_round + self.round_offset, arrays)
+        elif self.without_aggregate is not None:
+            self.without_aggregate(server_round + self.round_offset)
         return arrays, metrics
 
     def configure_evaluate(

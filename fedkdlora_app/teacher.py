@@ -25,6 +25,7 @@ from fedkdlora_app.models import (
     load_classifier,
     load_tokenizer,
 )
+from fedkdlora_app.progress import phase_progress
 from fedkdlora_app.training import evaluate, train_epochs
 
 TEACHER_INFO = "fedkdlora_teacher.json"
@@ -35,15 +36,20 @@ def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTraine
     check_same_tokenizer(config.student_model, config.teacher_base_model, "teacher-base-model")
     teacher = load_classifier(config.teacher_base_model, config.num_labels, attn_implementation="eager")
     public = public_slice(config)
+    loader = loader_for(public, config, shuffle_seed=config.seed)
+    epochs = config.teacher_pretrain_epochs
     result = train_epochs(
         teacher,
-        loader_for(public, config, shuffle_seed=config.seed),
+        loader,
         config.teacher_lr,
-        config.teacher_pretrain_epochs,
+        epochs,
         device,
         linear_decay=True,
         what="teacher pre-training",
         precision=config.precision,
+        progress=phase_progress(
+            "teacher pre-training", len(loader), loader.batch_size or 1, epochs, config.progress_interval
+        ),
     )
     info = {
         "task": config.task,

@@ -15,6 +15,7 @@ from transformers import get_linear_schedule_with_warmup
 from fedkdlora_app.devices import autocast
 from fedkdlora_app.losses import client_kd_loss, mutual_kd_loss
 from fedkdlora_app.metrics import EvalCounts
+from fedkdlora_app.progress import Progress
 
 # (model, batch on device) -> scalar loss to minimise
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -25,6 +26,7 @@ class TrainResult:
     mean_loss: float
     dataset_size: int  # examples in the loader's dataset (FedAvg's weight), not examples seen
     seconds: float
+    examples_seen: int = 0  # dataset size x epochs: the work done, for throughput
 
 
 def cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -92,6 +94,7 @@ def train_epochs(
     linear_decay: bool = False,
     what: str = "training",
     precision: str = "float32",
+    progress: Progress | None = None,
 ) -> TrainResult:
     """AdamW on the trainable parameters; constant lr (FL clients) or linear decay."""
     model.to(device).train()
@@ -112,7 +115,9 @@ def train_epochs(
                 schedule.step()
             loss_sum += value * len(batch["labels"])
             seen += len(batch["labels"])
-    return TrainResult(loss_sum / max(seen, 1), len(loader.dataset), time.perf_counter() - start)
+            if progress is not None:
+                progress.advance(len(batch["labels"]))
+    return TrainResult(loss_sum / max(seen, 1), len(loader.dataset), time.perf_counter() - start, seen)
 
 
 def mutual_distill(
@@ -125,6 +130,7 @@ def mutual_distill(
     device: torch.device,
     what: str,
     precision: str = "float32",
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """Train teacher and student together on the mutual KD loss; the last step's terms.
 
@@ -155,12 +161,18 @@ def mutual_distill(
             optimizer.step()
             schedule.step()
             terms = step.as_dict()
+            if progress is not None:
+                progress.advance(len(batch["labels"]))
     return terms
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, loader: DataLoader, device: torch.device, precision: str = "float32"
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    precision: str = "float32",
+    progress: Progress | None = None,
 ) -> EvalCounts:
     """Summed cross-entropy and confusion counts over the loader's examples."""
     model.to(device).eval()
@@ -172,4 +184,6 @@ def evaluate(
         loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
         labels.append(batch["labels"].cpu().numpy())
         predictions.append(logits.argmax(dim=-1).cpu().numpy())
+        if progress is not None:
+            progress.advance(len(labels[-1]))
     return EvalCounts.from_predictions(loss_sum, np.concatenate(labels), np.concatenate(predictions))

@@ -1,0 +1,81 @@
+"""The FedKDLoRA server step off the critical path, and progress lines of long server phases."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fedkdlora_app.distillation import ServerDistillation
+from fedkdlora_app.models import build_student, shipped_state
+from fedkdlora_app.progress import Progress
+from fedkdlora_app.results import RunRecorder
+from fedkdlora_app.seeding import seed_everything
+from fedkdlora_app.wire import from_wire, to_wire
+from tests.conftest import make_config
+
+TINY = {"max-public-examples": 16, "batch-size": 8, "max-eval-examples": 16, "teacher-pretrain-epochs": 1}
+
+
+def _server_step(tmp_path, overlap: bool, rounds: list[bool]) -> tuple[list, dict, dict]:
+    """Rounds of the server step as the strategy drives it; each entry of `rounds`: aggregated or not."""
+    config = make_config(
+        scheme="fedkdlora",
+        task="sst2",
+        **TINY,
+        **{"server-step-overlap": overlap, "results-dir": str(tmp_path)},
+    )
+    seed_everything(config.seed)
+    student = build_student(config, attn_implementation="eager")
+    recorder = RunRecorder(config)
+    distillation = ServerDistillation(config, student, torch.device("cpu"), recorder)
+    arrays = to_wire(shipped_state(student, config), config.wire_dtype)
+    for server_round, aggregated in enumerate(rounds, start=1):
+        distillation.start_teacher_phase(server_round)  # as the train messages go out
+        if aggregated:
+            arrays = distillation.after_aggregate(server_round, arrays)
+        else:
+            distillation.skip_round(server_round)
+    teacher = {k: v.clone() for k, v in distillation.teacher.state_dict().items()}
+    terms = {r: recorder.round(r).get("distillation") for r in range(1, len(rounds) + 1)}
+    return list(from_wire(arrays, config.wire_dtype).values()), teacher, terms
+
+
+def test_overlapping_the_teacher_phase_gives_the_sequential_result_bit_for_bit(tmp_path) -> None:
+    """Round 2 aggregates nothing: the overlapped teacher phase must be undone, as if never run."""
+    rounds = [True, False, True]
+    seq_student, seq_teacher, seq_terms = _server_step(tmp_path / "seq", overlap=False, rounds=rounds)
+    ovl_student, ovl_teacher, ovl_terms = _server_step(tmp_path / "ovl", overlap=True, rounds=rounds)
+    assert all(torch.equal(a, b) for a, b in zip(seq_student, ovl_student, strict=True))
+    assert all(torch.equal(seq_teacher[k], ovl_teacher[k]) for k in seq_teacher)
+    assert seq_terms[2] is None and ovl_terms[2] is None  # no server step without an aggregate
+    for r in (1, 3):
+        assert seq_terms[r]["last-step"] == ovl_terms[r]["last-step"]
+        assert seq_terms[r]["teacher-train-loss"] == ovl_terms[r]["teacher-train-loss"]
+        assert (seq_terms[r]["overlapped"], ovl_terms[r]["overlapped"]) == (False, True)
+
+
+def test_progress_lines_say_examples_rate_and_time_left(caplog) -> None:
+    clock = iter([0.0, 0.0, 5.0, 6.0, 12.0, 20.0])
+    progress = Progress("teacher alone", total=100, interval=5.0)
+    progress.started = progress.last = next(clock)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        for examples in (10, 10, 30, 25):
+            now = next(clock)
+            import time as time_module
+
+            original = time_module.perf_counter
+            time_module.perf_counter = lambda now=now: now
+            try:
+                progress.advance(examples)
+            finally:
+                time_module.perf_counter = original
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher alone")]
+    # t=0: not yet; t=5: 20/100, 4.0/s, 20 s left; t=6: within 5 s of the last line; t=12: 75/100
+    assert lines == [
+        "teacher alone: 20/100 examples (20 %), 4.0 examples/s, about 20 s left",
+        "teacher alone: 75/100 examples (75 %), 6.2 examples/s, about 4 s left",
+    ]
+    silent = Progress("x", total=10, interval=0.0)
+    silent.advance(5)
+    assert silent.lines == 0
