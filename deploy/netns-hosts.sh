@@ -8,7 +8,7 @@
 #   fklbr0       10.77.0.254  bridge in the current namespace, where the `flwr` CLI runs
 #
 #   deploy/netns-hosts.sh up N      # create (idempotent: an existing set is removed first)
-#   deploy/netns-hosts.sh down      # remove every fkl-* namespace and the bridge
+#   deploy/netns-hosts.sh down      # remove every fkl-* namespace, veth, the bridge and its iptables rule
 #   deploy/netns-hosts.sh check     # exit 0 if namespaces and veth pairs can be created here
 #
 # Run a command on a "host": ip netns exec fkl-node0 deploy/start-supernode.sh --superlink 10.77.0.1:9093 ...
@@ -28,6 +28,8 @@ down() {
         ip link delete "$link" 2>/dev/null || true
     done
     ip link delete "$BRIDGE" 2>/dev/null || true
+    # ... and the FORWARD rule `up` may have added for the bridge (each copy of it, if several)
+    while iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null; do :; done
 }
 
 add_host() {  # namespace, address, host-side veth name

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Submit the app to a running deployment and wait for its real outcome (flwr list):
-# exit 0 only if the run finished:completed. Paths in the run-config are made absolute
-# here, and must exist on the SuperLink's host (data-dir, results-dir, teacher-model).
+# exit 0 only if the run finished:completed. Only types, ranges and choices are checked
+# here. Relative run-config paths (data-dir, results-dir, resume-from, and model keys that
+# name an existing local folder; defaults included) are made absolute against this
+# repository, not the caller's folder (the script cds there); they name files on the
+# SuperLink's host, which checks them at start (results-dir is created there).
 #
 #   deploy/run.sh CONNECTION [--run-config "scheme='fedlora' task='cola' data-dir='/data/glue'"]...
 set -euo pipefail
