@@ -6,7 +6,7 @@ the app's own model and training code (`models.load_classifier`, `models.lora_co
 `training.train_epochs`, `training.evaluate`) and replaces only what needs the missing
 packages: the TSV is read with pandas, and a round of FedLoRA / FedAvg is emulated as
 "each of 4 contiguous shards trains one local epoch from the global state, then the
-example-weighted mean of the shipped state" (the app's `partitioning = "seed"` layout and
+example-weighted mean of the shipped state" (the app's `partitioning = "contiguous"` layout and
 naive aggregation). Its figures choose settings; the app's own runs on CPU confirm them.
 
     python bench/cola_probe.py --model DIR --glue DIR --out probe.jsonl [--rounds 10]

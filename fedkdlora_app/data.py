@@ -71,7 +71,7 @@ def own_partition(
 ) -> datasets.Dataset | None:
     """The client's examples from a node-local folder that holds only them, if `data-dir` is one.
 
-    Such a folder (written by `python -m fedkdlora_app.deployment export-partition`) must
+    Such a folder (written by `python -m fedkdlora_tools.deployment export-partition`) must
     hold exactly the partition this run gives this node; anything else is an error.
     """
     marker = Path(config.data_dir) / config.task / PARTITION_FILE if config.data_dir else None
