@@ -104,8 +104,8 @@ def load_classifier(
 ) -> PreTrainedModel:
     """A sequence classifier from `name`, reduced to `num_layers` strided layers (0 = all).
 
-    `attn_implementation="eager"` where attention maps are needed (distillation): the
-    default SDPA kernels do not return them.
+    The default kernel is SDPA; `attention_kernel` switches to eager where attention maps
+    are needed (the mutual phase).
     """
     source = resolve_model_source(name)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -119,6 +119,24 @@ def load_classifier(
     if num_layers:
         keep_layers(model, strided_layer_indices(model.config.num_hidden_layers, num_layers))
     return model
+
+
+@contextmanager
+def attention_kernel(model: torch.nn.Module, implementation: str) -> Iterator[None]:
+    """Run `model` with `implementation` ("eager", "sdpa") inside, and as it was after.
+
+    Eager attention is the only kernel that returns attention maps, which the mutual
+    phase distils; everywhere else the fused SDPA kernel is the faster one.
+    """
+    before = model.config._attn_implementation
+    if before == implementation:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def check_same_tokenizer(student_name: str, teacher_name: str, teacher_key: str) -> None:

@@ -15,6 +15,7 @@ from transformers import get_linear_schedule_with_warmup
 from fedkdlora_app.devices import autocast
 from fedkdlora_app.losses import client_kd_loss, mutual_kd_loss
 from fedkdlora_app.metrics import EvalCounts
+from fedkdlora_app.models import attention_kernel
 from fedkdlora_app.progress import Progress
 
 # (model, batch on device) -> scalar loss to minimise
@@ -141,28 +142,47 @@ def mutual_distill(
     teacher.to(device).train()
     optimizer, schedule = distill_optimizer(student, teacher, student_lr, teacher_lr, epochs * len(loader))
     terms: dict[str, float] = {}
-    for _ in range(epochs):
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            with autocast(device, precision):
-                student_out = student(**inputs, output_attentions=True)
-                teacher_out = teacher(**inputs, output_attentions=True)
-                step = mutual_kd_loss(
-                    student_out.logits,
-                    teacher_out.logits,
-                    batch["labels"],
-                    student_out.attentions,
-                    teacher_out.attentions,
-                )
-            check_finite(step.loss, what)
-            optimizer.zero_grad(set_to_none=True)
-            step.loss.backward()
-            optimizer.step()
-            schedule.step()
-            terms = step.as_dict()
-            if progress is not None:
-                progress.advance(len(batch["labels"]))
+    with attention_kernel(student, "eager"), attention_kernel(teacher, "eager"):  # the maps are distilled
+        for _ in range(epochs):
+            terms = _mutual_epoch(
+                student, teacher, loader, optimizer, schedule, device, what, precision, progress
+            )
+    return terms
+
+
+def _mutual_epoch(  # one pass of `mutual_distill`; the last step's terms
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    what: str,
+    precision: str,
+    progress: Progress | None,
+) -> dict[str, float]:
+    terms: dict[str, float] = {}
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with autocast(device, precision):
+            student_out = student(**inputs, output_attentions=True)
+            teacher_out = teacher(**inputs, output_attentions=True)
+            step = mutual_kd_loss(
+                student_out.logits,
+                teacher_out.logits,
+                batch["labels"],
+                student_out.attentions,
+                teacher_out.attentions,
+            )
+        check_finite(step.loss, what)
+        optimizer.zero_grad(set_to_none=True)
+        step.loss.backward()
+        optimizer.step()
+        schedule.step()
+        terms = step.as_dict()
+        if progress is not None:
+            progress.advance(len(batch["labels"]))
     return terms
 
 

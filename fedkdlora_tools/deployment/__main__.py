@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the server's GLUE folder (default ../shared/data/glue)",
     )
     scenario.add_argument("--work-dir", type=Path, default=None)
+    scenario.add_argument("--server-cpus", help="taskset cores of the SuperLink and ServerApp, e.g. 0")
+    scenario.add_argument("--node-cpus", help="taskset cores of the SuperNodes and ClientApps, e.g. 1")
     scenario.add_argument("--timeout", type=float, default=900)
 
     export = commands.add_parser("export-partition", help="write one SuperNode's own data folder")

@@ -108,6 +108,10 @@ class LocalDeployment:
     # Private filesystems: each SuperNode sees none of these (the server's data, results, teacher)
     # nor the other SuperNodes' data folders; None = every process sees the whole filesystem.
     hidden_from_nodes: list[Path] | None = None
+    # CPU cores (taskset lists, e.g. "0" and "1") for the SuperLink with its ServerApp and for
+    # the SuperNodes with their ClientApps: a server with compute of its own, as on separate hosts.
+    server_cpus: str | None = None
+    node_cpus: str | None = None
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     node_ids: dict[int, int] = field(default_factory=dict)
@@ -172,8 +176,15 @@ class LocalDeployment:
             raise ProcessError(f"deploy/{args[0]} failed: {done.stdout[-500:]}{done.stderr[-500:]}")
 
     def _spawn(
-        self, name: str, command: list[str], namespace: str | None, hidden: list[Path] | None = None
+        self,
+        name: str,
+        command: list[str],
+        namespace: str | None,
+        hidden: list[Path] | None = None,
+        cpus: str | None = None,
     ) -> ManagedProcess:
+        if cpus:  # children (SuperExec, ServerApp, ClientApps) inherit the affinity
+            command = ["taskset", "-c", cpus, *command]
         if hidden:
             command = with_hidden_paths(command, hidden)
         if namespace is not None:
@@ -200,7 +211,9 @@ class LocalDeployment:
         command = [str(DEPLOY_DIR / "start-superlink.sh"), "--port", str(self.superlink_port)]
         command += ["--insecure"] if self.insecure else ["--certs", str(self.certs_dir)]
         command += ["--host", self.superlink_host]
-        process = self._spawn("superlink", command, NETNS_SUPERLINK[0] if self.netns else None)
+        process = self._spawn(
+            "superlink", command, NETNS_SUPERLINK[0] if self.netns else None, cpus=self.server_cpus
+        )
 
         def listening() -> bool:
             if not process.alive:
@@ -257,7 +270,11 @@ class LocalDeployment:
             command += ["--data-dir", str(self.node_data_dirs[partition_id])]
         command += ["--cache-dir", str(self.node_cache_dir(index))]
         process = self._spawn(
-            name or f"supernode-{index}", command, namespace if self.netns else None, self.hidden_for(index)
+            name or f"supernode-{index}",
+            command,
+            namespace if self.netns else None,
+            self.hidden_for(index),
+            cpus=self.node_cpus,
         )
 
         def joined_or_exited() -> bool:

@@ -19,6 +19,9 @@ from fedkdlora_tools.deployment.local import LocalDeployment
 from fedkdlora_tools.deployment.partitions import config_with, export_partition
 from fedkdlora_tools.processes import ManagedProcess, ProcessError, wait_until
 
+# What the scenario report keeps of each round's server step (rounds[].distillation).
+SERVER_STEP_KEYS = ("seconds", "critical-path-seconds", "teacher-seconds", "mutual-seconds", "overlapped")
+
 
 def wait_for_train_messages(process: ManagedProcess, count: int, timeout: float) -> None:
     """Until `process` (a SuperNode) has received its `count`-th train message.
@@ -81,7 +84,13 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"netns": args.netns, "insecure": args.insecure, "supernodes": args.supernodes}
     started = time.monotonic()
     deployment = LocalDeployment(
-        work_dir, args.supernodes, insecure=args.insecure, netns=args.netns, app_dir=args.app
+        work_dir,
+        args.supernodes,
+        insecure=args.insecure,
+        netns=args.netns,
+        app_dir=args.app,
+        server_cpus=args.server_cpus,
+        node_cpus=args.node_cpus,
     )
     if args.own_partitions:  # each SuperNode gets a folder with only its own examples
         config = config_with(run_config, args.app)
@@ -135,6 +144,16 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
                     entry["round"]: round(entry["wall_seconds"], 1)
                     for entry in outcome.results["rounds"][1:]
                     if entry["wall_seconds"] is not None
+                }
+                report["server_step"] = {
+                    entry["round"]: {k: entry["distillation"].get(k) for k in SERVER_STEP_KEYS}
+                    for entry in outcome.results["rounds"][1:]
+                    if entry.get("distillation")
+                }
+                report["student_accuracy"] = {
+                    entry["round"]: entry["server"]["student"]["accuracy"]
+                    for entry in outcome.results["rounds"]
+                    if entry.get("server")
                 }
         except BaseException:
             print(deployment.log_tails(), file=sys.stderr)
