@@ -67,3 +67,21 @@ def test_building_the_student_leaves_the_callers_random_state_alone() -> None:
     second = build_student(config)  # and the student is the same, whatever the state before
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_wheel_carries_both_packages_and_the_deploy_scripts(tmp_path) -> None:
+    """Installed from a wheel, the deployment harness finds deploy/ inside fedkdlora_tools."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    [wheel] = tmp_path.glob("fedkdlora_app-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"fedkdlora_app/server_app.py", "fedkdlora_tools/launcher.py"} <= names
+    scripts = {name.rsplit("/", 1)[1] for name in names if name.startswith("fedkdlora_tools/deploy/")}
+    assert {"start-superlink.sh", "start-supernode.sh", "run.sh", "netns-hosts.sh"} <= scripts
+    mode = zipfile.ZipFile(wheel).getinfo("fedkdlora_tools/deploy/start-supernode.sh").external_attr >> 16
+    assert mode & 0o111, oct(mode)  # the harness executes them
+    assert not any(name.startswith("tests/") or name.startswith("bench/") for name in names)
