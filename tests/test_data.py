@@ -14,7 +14,7 @@ from fedkdlora_app.data import (
     public_and_pool,
     read_glue_tsv,
 )
-from tests.conftest import GLUE_DIR, make_config
+from tests.helpers import GLUE_DIR, make_config
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.teacher import TEACHER_INFO, build_teacher, load_teacher
 from fedkdlora_app.training import distill_optimizer, mutual_distill
 from fedkdlora_tools.pretrain import main as pretrain_main
-from tests.conftest import REPO, make_config
+from tests.helpers import REPO, make_config
 
 TINY = {"max-public-examples": 16, "batch-size": 8, "max-eval-examples": 16, "teacher-pretrain-epochs": 1}
 

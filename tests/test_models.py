@@ -18,7 +18,7 @@ from fedkdlora_app.models import (
     shipped_state,
     strided_layer_indices,
 )
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 def test_strided_layer_indices() -> None:

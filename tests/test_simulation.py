@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,26 +11,7 @@ import pytest
 from fedkdlora_app.data import eval_split, loader_for
 from fedkdlora_app.models import load_saved_student
 from fedkdlora_app.training import evaluate
-from fedkdlora_tools import launcher
-from tests.conftest import GLUE_DIR, REPO, make_config
-
-ROUNDS = 2
-QUICK = {
-    "task": "cola",
-    "num-server-rounds": ROUNDS,
-    "max-train-examples-per-client": 32,
-    "max-eval-examples": 64,
-    "batch-size": 16,
-}
-
-
-def simulate(results_dir: Path, federation: str = "", **overrides: Any) -> tuple[int, dict[str, Any] | None]:
-    """Run the app (`federation`: --federation-config); return the exit code and the results JSON."""
-    values = {**QUICK, "data-dir": str(GLUE_DIR), "results-dir": str(results_dir), **overrides}
-    argv = [str(REPO), "--run-config", launcher.format_overrides(values)]
-    code = launcher.main(argv + (["--federation-config", federation] if federation else []))
-    files = sorted(results_dir.glob("*.json"))
-    return code, (json.loads(files[-1].read_text()) if files else None)
+from tests.helpers import GLUE_DIR, QUICK, ROUNDS, make_config, simulate
 
 
 @pytest.fixture(scope="module")
