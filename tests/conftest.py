@@ -1,29 +1,13 @@
-"""Shared fixtures: the real GLUE copy beside the repo and the app's default config."""
+"""Shared fixtures; the helpers tests import by name are in tests/helpers.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedkdlora_app.config import RunConfig, app_defaults
+# Re-exported for test files that still import them from here; new code imports tests.helpers.
+from tests.helpers import GLUE_DIR, REPO, default_run_config, make_config, train_reply
 
-REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
-
-
-def default_run_config() -> dict[str, Any]:
-    """`[tool.flwr.app.config]` exactly as pyproject.toml ships it."""
-    return app_defaults(REPO)
-
-
-def make_config(**overrides: Any) -> RunConfig:
-    """Defaults with kebab-case overrides, reading the real GLUE copy."""
-    values = {**default_run_config(), "data-dir": str(GLUE_DIR), **overrides}
-    return RunConfig.from_mapping(values)
+__all__ = ["GLUE_DIR", "REPO", "default_run_config", "make_config", "train_reply"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,15 +26,3 @@ def restore_task_identity():
     yield
     for key, value in saved.items():
         setattr(TaskIdentity, key, value)
-
-
-def train_reply(node_id: int, arrays: ArrayRecord | list[np.ndarray], num_examples: int) -> Message:
-    """A client's train reply, built as Flower's simulation builds one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
-    TaskIdentity.node_id = node_id
-    metrics = MetricRecord({"num-examples": num_examples, "train-loss": 0.5, "train-seconds": 1.0})
-    record = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
-    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)

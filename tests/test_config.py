@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedkdlora_app.config import ConfigError, NodeRun, RunConfig
-from tests.conftest import GLUE_DIR, REPO, default_run_config, make_config
+from tests.helpers import GLUE_DIR, REPO, default_run_config, make_config
 
 
 def test_shipped_defaults_are_valid() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,7 +17,7 @@ from fedkdlora_app.data import (
     public_and_pool,
     read_glue_tsv,
 )
-from tests.conftest import GLUE_DIR, make_config
+from tests.helpers import GLUE_DIR, make_config
 
 
 @pytest.mark.parametrize(
@@ -54,12 +57,18 @@ def test_public_slice_is_the_first_percent() -> None:
     assert pool["idx"] == list(range(1710, 8551))
 
 
+def _tsv_rows(path: Path) -> list[list[str]]:
+    """A GLUE TSV's rows as the file has them (no quoting: CoLA's quotes are part of sentences)."""
+    with path.open(newline="", encoding="utf-8") as file:
+        return list(csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
 def _partitions(partitioning: str, num: int = 4, **overrides) -> list[list[int]]:
     config = make_config(task="cola", partitioning=partitioning, **overrides)
     return [client_train_partition(config, pid, num)["idx"] for pid in range(num)]
 
 
-@pytest.mark.parametrize("partitioning", ["seed", "iid", "dirichlet"])
+@pytest.mark.parametrize("partitioning", ["contiguous", "iid", "dirichlet"])
 def test_partitions_cover_the_pool_disjointly_without_public_rows(partitioning: str) -> None:
     parts = _partitions(partitioning)
     flat = [i for part in parts for i in part]
@@ -68,14 +77,30 @@ def test_partitions_cover_the_pool_disjointly_without_public_rows(partitioning: 
     assert all(len(part) > 0 for part in parts)
 
 
-def test_seed_partitioning_is_contiguous_and_equal() -> None:
-    parts = _partitions("seed")
+def test_contiguous_partitioning_is_equal_parts_of_the_pool_in_file_order() -> None:
+    parts = _partitions("contiguous")
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
     start = 1710
     for part in parts:
         assert part == list(range(start, start + len(part)))
         start += len(part)
+
+
+def test_old_name_seed_gives_the_contiguous_partitions_the_first_rows_after_the_public_slice() -> None:
+    config = make_config(task="cola", partitioning="contiguous")
+    contiguous = [client_train_partition(config, pid, 4) for pid in range(4)]
+    seed = [client_train_partition(make_config(task="cola", partitioning="seed"), pid, 4) for pid in range(4)]
+    for new, old in zip(contiguous, seed, strict=True):
+        assert new["idx"] == old["idx"]
+        assert new["sentence"] == old["sentence"] and new["label"] == old["label"]
+    # read independently of the app: CoLA train.tsv has no header; label 2nd column, sentence 4th
+    rows = _tsv_rows(GLUE_DIR / "cola" / "train.tsv")
+    pool = rows[int(len(rows) * config.teacher_data_pct / 100) :]
+    first = contiguous[0]
+    assert len(first) in (len(pool) // 4, len(pool) // 4 + 1)  # 6841 rows: 1711 + 3 x 1710
+    assert first["sentence"] == [row[3] for row in pool[: len(first)]]
+    assert first["label"] == [int(row[1]) for row in pool[: len(first)]]
 
 
 def test_iid_partitioning_is_shuffled_and_seeded() -> None:
@@ -92,12 +117,22 @@ def test_dirichlet_partitioning_skews_labels() -> None:
     assert max(shares) - min(shares) > 0.3, shares  # alpha 0.1: strongly label-skewed
 
 
-def test_train_cap_and_eval_subset() -> None:
-    config = make_config(task="sst2", **{"max-train-examples-per-client": 50, "max-eval-examples": 100})
-    assert len(client_train_partition(config, 1, 3)) == 50
-    dev = eval_split(config)
-    assert len(dev) == 100 and dev["idx"] == eval_split(config)["idx"]
-    shards = [client_eval_shard(config, pid, 3)["idx"] for pid in range(3)]
+def test_train_cap_keeps_a_partitions_first_rows_and_eval_is_a_seeded_sample_of_dev() -> None:
+    capped = make_config(task="sst2", **{"max-train-examples-per-client": 50, "max-eval-examples": 100})
+    whole = make_config(task="sst2")
+    assert client_train_partition(capped, 1, 3)["idx"] == client_train_partition(whole, 1, 3)["idx"][:50]
+    # read independently of the app: SST-2 dev.tsv has a header, then sentence and label
+    rows = _tsv_rows(GLUE_DIR / "sst2" / "dev.tsv")[1:]
+    assert eval_split(whole)["sentence"] == [sentence for sentence, _ in rows]  # no cap: all, file order
+    dev = eval_split(capped)
+    # the first 100 of the seed's permutation of the rows (what datasets' shuffle(seed) draws)
+    drawn = np.random.default_rng(capped.seed).permutation(len(rows))[:100].tolist()
+    assert dev["idx"] == drawn and drawn != sorted(drawn)
+    assert dev["sentence"] == [rows[i][0] for i in drawn]
+    assert dev["label"] == [int(rows[i][1]) for i in drawn]
+    reseeded = make_config(task="sst2", seed=capped.seed + 1, **{"max-eval-examples": 100})
+    assert set(eval_split(reseeded)["idx"]) != set(drawn)
+    shards = [client_eval_shard(capped, pid, 3)["idx"] for pid in range(3)]
     assert [i for shard in shards for i in shard] == dev["idx"], "client eval shards must tile the eval set"
 
 

@@ -29,7 +29,7 @@ from fedkdlora_tools.deployment.local import LocalDeployment, RunOutcome
 from fedkdlora_tools.deployment.partitions import config_with, export_partition
 from fedkdlora_tools.deployment.scenarios import lose_and_restore
 from fedkdlora_tools.processes import MARKER_ENV, ManagedProcess, wait_until
-from tests.conftest import GLUE_DIR, REPO
+from tests.helpers import GLUE_DIR, REPO
 from tests.hub_fixtures import write_bert_pair
 
 QUICK = {

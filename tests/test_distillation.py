@@ -6,17 +6,18 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+from fedkdlora_app.client_app import local_train
 from fedkdlora_app.config import ConfigError
-from fedkdlora_app.data import loader_for, public_slice
+from fedkdlora_app.data import eval_split, loader_for, public_slice
 from fedkdlora_app.models import ModelError, build_student, load_classifier, shipped_state
 from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.teacher import TEACHER_INFO, build_teacher, load_teacher
-from fedkdlora_app.training import distill_optimizer, mutual_distill
+from fedkdlora_app.training import distill_optimizer, evaluate, mutual_distill
+from fedkdlora_app.wire import to_wire
 from fedkdlora_tools.pretrain import main as pretrain_main
-from tests.conftest import REPO, make_config
+from tests.helpers import REPO, make_config
 
 TINY = {"max-public-examples": 16, "batch-size": 8, "max-eval-examples": 16, "teacher-pretrain-epochs": 1}
 
@@ -84,12 +85,39 @@ def test_distill_optimizer_decays_each_group_from_its_own_rate() -> None:
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1.5e-3, 1.5e-5])
 
 
+def _layout(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    return {key: (tensor.shape, tensor.dtype) for key, tensor in state.items()}
+
+
 def test_fedkdlora_ships_exactly_the_fedlora_state() -> None:
-    kd_config, lora_config = _kd_config(), make_config(scheme="fedlora", task="sst2")
-    kd_state = shipped_state(build_student(kd_config, attn_implementation="eager"), kd_config)
-    lora_state = shipped_state(build_student(lora_config), lora_config)
-    assert kd_state.keys() == lora_state.keys()
-    assert payload_bytes(ArrayRecord(kd_state)) == payload_bytes(ArrayRecord(lora_state))
+    """Same keys, shapes, dtypes and bytes as a FedLoRA student, from the server after distillation
+    and from a client after local training; the same values where the two do the same work."""
+    tiny = {"max-train-examples-per-client": 8, "batch-size": 8}
+    kd, lora = _kd_config(**tiny), make_config(scheme="fedlora", task="sst2", **tiny)
+    kd_student = build_student(kd, attn_implementation="eager")  # the server's, with attention maps
+    # cloned: on the CPU shipped_state's tensors share the model's storage
+    kd_initial = {k: v.clone() for k, v in shipped_state(kd_student, kd).items()}
+    lora_initial = {k: v.clone() for k, v in shipped_state(build_student(lora), lora).items()}
+    assert _layout(kd_initial) == _layout(lora_initial)
+    assert all(torch.equal(kd_initial[k], lora_initial[k]) for k in lora_initial)  # the same start
+
+    teacher = load_classifier("", 2, attn_implementation="eager")
+    loader = loader_for(public_slice(kd).select(range(8)), kd)  # one step of server-side distillation
+    mutual_distill(
+        kd_student, teacher, loader, kd.distill_student_lr, kd.distill_lr, 1, torch.device("cpu"), "test"
+    )
+    kd_down = shipped_state(kd_student, kd)
+    assert any(not torch.equal(kd_down[k], kd_initial[k]) for k in kd_initial)
+    # a client's round (client-kd off): FedLoRA's local training, bit for bit
+    kd_up, _ = local_train(kd, 0, 2, 1, kd_initial)
+    lora_up, _ = local_train(lora, 0, 2, 1, lora_initial)
+    assert all(torch.equal(kd_up[k], lora_up[k]) for k in lora_up) and kd_up.keys() == lora_up.keys()
+
+    lora_bytes = payload_bytes(to_wire(lora_up, lora.wire_dtype))
+    assert lora_bytes == payload_bytes(to_wire(lora_initial, lora.wire_dtype))
+    for state in (kd_down, kd_up):
+        assert _layout(state) == _layout(lora_up)
+        assert payload_bytes(to_wire(state, kd.wire_dtype)) == lora_bytes
 
 
 def test_a_nan_in_distillation_names_the_round() -> None:
@@ -137,9 +165,25 @@ def test_pretrain_command_writes_a_teacher_a_run_accepts(tmp_path, capsys) -> No
 
 
 def test_build_teacher_pretrains_when_none_is_given() -> None:
-    teacher, info = build_teacher(_kd_config(), torch.device("cpu"))
-    assert info["public-examples"] == 16 and info["epochs"] == 1 and "dev" in info
+    """Every weight moves off the base's, the recorded dev metrics are the trained teacher's,
+    and the loss on the public slice it trained on (2 steps of 8) drops."""
+    config = _kd_config()
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    teacher, info = build_teacher(config, cpu)
+    torch.manual_seed(0)  # the same draw of the fresh head: the teacher before pre-training
+    base = load_classifier(config.teacher_base_model, 2, attn_implementation="eager")
+    assert info["public-examples"] == 16 and info["epochs"] == 1
     assert teacher.config.num_hidden_layers == 6
+    trained, untrained = teacher.state_dict(), base.state_dict()
+    assert trained.keys() == untrained.keys()
+    assert [k for k in untrained if torch.equal(trained[k], untrained[k])] == []  # full fine-tuning
+
+    dev = loader_for(eval_split(config), config)
+    assert info["dev"] == evaluate(teacher, dev, cpu).metrics() and info["dev"]["num-examples"] == 16
+    assert info["dev"]["loss"] != evaluate(base, dev, cpu).metrics()["loss"]
+    public = loader_for(public_slice(config), config)
+    assert evaluate(teacher, public, cpu).metrics()["loss"] < evaluate(base, public, cpu).metrics()["loss"]
 
 
 @pytest.fixture()

@@ -41,7 +41,7 @@ from fedkdlora_app.strategy import payload_bytes, payload_params
 from fedkdlora_app.teacher import TEACHER_INFO
 from fedkdlora_app.training import evaluate, mutual_distill
 from fedkdlora_tools.pretrain import main as pretrain_main
-from tests.conftest import GLUE_DIR, REPO, make_config
+from tests.helpers import GLUE_DIR, REPO, make_config, simulate
 from tests.hub_fixtures import (
     HUB_MODEL_ID,
     go_offline,
@@ -51,7 +51,6 @@ from tests.hub_fixtures import (
     write_glue_snapshot,
     write_model_snapshot,
 )
-from tests.test_simulation import simulate
 
 TASKS = ("cola", "sst2")
 HUB_FIRST_ROW = {

@@ -11,8 +11,7 @@ from flwr.app import ArrayRecord
 from fedkdlora_app.models import build_student, load_saved_student, shipped_state
 from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.wire import to_wire
-from tests.conftest import make_config
-from tests.test_simulation import QUICK, ROUNDS, simulate
+from tests.helpers import QUICK, ROUNDS, make_config, simulate
 
 
 def lora_a(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

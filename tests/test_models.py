@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForSequenceClassification
 
 from fedkdlora_app.models import (
     ModelError,
@@ -18,7 +19,7 @@ from fedkdlora_app.models import (
     shipped_state,
     strided_layer_indices,
 )
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 def test_strided_layer_indices() -> None:
@@ -97,14 +98,35 @@ def test_mismatched_lora_state_is_refused() -> None:
 @pytest.mark.parametrize("scheme", ["fedavg", "fedlora"])
 def test_saved_student_loads_like_a_user_would(scheme: str, tmp_path) -> None:
     config = make_config(scheme=scheme, **{"results-dir": str(tmp_path)})
-    torch.manual_seed(3)
-    model = build_student(config)
+    model = build_student(config).eval()
+    batch = load_tokenizer("")(["a fine film", "dull and long"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        untrained = model(**batch).logits
+        # as if trained: LoRA's B off zero (at zero the adapter is a no-op, so a lost one looks
+        # loaded), or every FedAvg weight moved off the embedded model's
+        torch.manual_seed(3)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+            elif scheme == "fedavg":
+                param.add_(torch.randn_like(param), alpha=0.01)
+        trained = model(**batch).logits
+    assert not torch.allclose(trained, untrained, atol=1e-3)
     out = save_student(model, config, tmp_path / "run" / "student")
-    loaded = load_saved_student(out)
-    assert isinstance(loaded, PeftModel) == (scheme == "fedlora")
-    batch = load_tokenizer("")(["a fine film"], return_tensors="pt")
-    model.eval(), loaded.eval()
-    torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=1e-6)
+
+    if scheme == "fedlora":  # the README's recipe
+        base_path = PeftConfig.from_pretrained(out).base_model_name_or_path
+        base = AutoModelForSequenceClassification.from_pretrained(base_path).eval()
+        with torch.no_grad():
+            without_adapter = base(**batch).logits
+        loaded = PeftModel.from_pretrained(base, out)
+        assert not torch.allclose(without_adapter, trained, atol=1e-3)
+    else:
+        loaded = AutoModelForSequenceClassification.from_pretrained(out)
+    for user_model in (loaded, load_saved_student(out)):  # and the app's own loader
+        user_model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(user_model(**batch).logits, trained, rtol=0, atol=1e-6)
 
 
 def test_same_seed_same_initial_student() -> None:

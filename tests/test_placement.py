@@ -15,8 +15,7 @@ import torch
 
 from fedkdlora_app.config import ConfigError
 from fedkdlora_app.devices import check_precision, pick_device, ray_gpu_ids
-from tests.conftest import REPO
-from tests.test_simulation import simulate
+from tests.helpers import REPO, simulate
 
 
 def fake_ray(gpu_ids: list[int], worker: bool = True) -> types.ModuleType:

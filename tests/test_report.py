@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedkdlora_tools import compare, report
-from tests.conftest import GLUE_DIR, REPO, default_run_config
+from tests.helpers import GLUE_DIR, REPO, default_run_config
 
 
 def test_sweeps_are_options_not_copies() -> None:

@@ -16,7 +16,7 @@ from fedkdlora_app.config import ConfigError
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_tools.launcher import format_overrides
 from tests.conftest import GLUE_DIR, REPO, make_config
-from tests.test_simulation import QUICK, simulate
+from tests.helpers import QUICK, simulate
 
 KD = {
     **QUICK,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,28 +9,11 @@ from typing import Any
 import pytest
 
 from fedkdlora_app.data import eval_split, loader_for
-from fedkdlora_app.models import load_saved_student
+from fedkdlora_app.models import build_student, load_saved_student, shipped_state
+from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.training import evaluate
-from fedkdlora_tools import launcher
-from tests.conftest import GLUE_DIR, REPO, make_config
-
-ROUNDS = 2
-QUICK = {
-    "task": "cola",
-    "num-server-rounds": ROUNDS,
-    "max-train-examples-per-client": 32,
-    "max-eval-examples": 64,
-    "batch-size": 16,
-}
-
-
-def simulate(results_dir: Path, federation: str = "", **overrides: Any) -> tuple[int, dict[str, Any] | None]:
-    """Run the app (`federation`: --federation-config); return the exit code and the results JSON."""
-    values = {**QUICK, "data-dir": str(GLUE_DIR), "results-dir": str(results_dir), **overrides}
-    argv = [str(REPO), "--run-config", launcher.format_overrides(values)]
-    code = launcher.main(argv + (["--federation-config", federation] if federation else []))
-    files = sorted(results_dir.glob("*.json"))
-    return code, (json.loads(files[-1].read_text()) if files else None)
+from fedkdlora_app.wire import to_wire
+from tests.helpers import GLUE_DIR, QUICK, ROUNDS, make_config, simulate
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +100,17 @@ def test_fedkdlora_reports_teacher_and_student_every_round(tmp_path, client_kd: 
         for role in ("student", "teacher"):
             metrics = entry["server"][role]
             assert all(math.isfinite(metrics[k]) for k in ("loss", "accuracy", "mcc")), (entry["round"], role)
+    # the student ships what a FedLoRA student ships: its LoRA state and head, nothing of the teacher
+    lora = make_config(**{**QUICK, "scheme": "fedlora"})
+    fedlora_bytes = payload_bytes(to_wire(shipped_state(build_student(lora), lora), lora.wire_dtype))
+    assert results["model"]["shipped_bytes_per_message"] == fedlora_bytes
     for entry in results["rounds"][1:]:
         terms = entry["distillation"]["last-step"]
         assert set(terms) >= {"ce-student", "ce-teacher", "kl-teacher-student", "attention-mse"}
         assert all(math.isfinite(v) for v in terms.values())
-        # the student ships the LoRA state only, as under FedLoRA
-        assert entry["communication"]["up_bytes"] == 2 * results["model"]["shipped_bytes_per_message"]
+        comm = entry["communication"]  # two nodes: one update up, a train and an evaluate message down
+        assert comm["up_bytes"] == 2 * fedlora_bytes
+        assert comm["down_bytes_train"] == comm["down_bytes_evaluate"] == 2 * fedlora_bytes
     teacher_bytes = [r["communication"]["down_bytes_teacher"] for r in results["rounds"][1:]]
     if client_kd:  # shipped once per node, in round 1, counted in the downlink
         assert teacher_bytes[0] > 2 * 80e6 and teacher_bytes[1:] == [0] * (ROUNDS - 1)

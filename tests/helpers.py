@@ -1,0 +1,66 @@
+"""Helpers the test files share: the real GLUE copy, configs, hand-built replies, simulations.
+
+Fixtures live in conftest.py; everything a test imports by name lives here, so that no
+test file imports from another.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedkdlora_app.config import RunConfig, app_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+
+ROUNDS = 2
+# A short run: the settings the simulation tests share.
+QUICK = {
+    "task": "cola",
+    "num-server-rounds": ROUNDS,
+    "max-train-examples-per-client": 32,
+    "max-eval-examples": 64,
+    "batch-size": 16,
+}
+
+
+def default_run_config() -> dict[str, Any]:
+    """`[tool.flwr.app.config]` exactly as pyproject.toml ships it."""
+    return app_defaults(REPO)
+
+
+def make_config(**overrides: Any) -> RunConfig:
+    """Defaults with kebab-case overrides, reading the real GLUE copy."""
+    values = {**default_run_config(), "data-dir": str(GLUE_DIR), **overrides}
+    return RunConfig.from_mapping(values)
+
+
+def train_reply(node_id: int, arrays: ArrayRecord | list[np.ndarray], num_examples: int) -> Message:
+    """A client's train reply, built as Flower's simulation builds one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
+    TaskIdentity.node_id = node_id
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": 0.5, "train-seconds": 1.0})
+    record = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
+    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)
+
+
+def simulate(results_dir: Path, federation: str = "", **overrides: Any) -> tuple[int, dict[str, Any] | None]:
+    """Run the app through `fedkdlora-run` (`federation`: --federation-config), QUICK unless overridden.
+
+    Returns the exit code and the results JSON (None if the run wrote none).
+    """
+    from fedkdlora_tools import launcher
+
+    values = {**QUICK, "data-dir": str(GLUE_DIR), "results-dir": str(results_dir), **overrides}
+    argv = [str(REPO), "--run-config", launcher.format_overrides(values)]
+    code = launcher.main(argv + (["--federation-config", federation] if federation else []))
+    files = sorted(results_dir.glob("*.json"))
+    return code, (json.loads(files[-1].read_text()) if files else None)
