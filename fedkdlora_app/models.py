@@ -198,8 +198,8 @@ def build_student(config: RunConfig, attn_implementation: str | None = None) -> 
 def shipped_state(model: torch.nn.Module, config: RunConfig) -> dict[str, torch.Tensor]:
     """What travels each round: all weights (FedAvg) or adapter + head (LoRA schemes; no A if frozen)."""
     state = get_peft_model_state_dict(model) if config.uses_lora else model.state_dict()
-    return {
-        key: tensor.detach().cpu().contiguous()
+    return {  # copies: a cached model trains on, and must not change what was handed out
+        key: tensor.detach().to("cpu", copy=True).contiguous()
         for key, tensor in state.items()
         if not (config.lora_freeze_a and LORA_A in key)
     }

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-# Re-exported for test files that still import them from here; new code imports tests.helpers.
-from tests.helpers import GLUE_DIR, REPO, default_run_config, make_config, train_reply
-
-__all__ = ["GLUE_DIR", "REPO", "default_run_config", "make_config", "train_reply"]
+from tests.helpers import GLUE_DIR
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,6 +26,7 @@ QUICK = {
     "max-train-examples-per-client": 32,
     "max-eval-examples": 64,
     "batch-size": 16,
+    "progress-interval": 0.0,  # quiet in tests
 }
 
 
@@ -36,7 +37,7 @@ def default_run_config() -> dict[str, Any]:
 
 def make_config(**overrides: Any) -> RunConfig:
     """Defaults with kebab-case overrides, reading the real GLUE copy."""
-    values = {**default_run_config(), "data-dir": str(GLUE_DIR), **overrides}
+    values = {**default_run_config(), "data-dir": str(GLUE_DIR), "progress-interval": 0.0, **overrides}
     return RunConfig.from_mapping(values)
 
 

@@ -13,7 +13,7 @@ from sklearn.metrics import matthews_corrcoef
 from fedkdlora_app.metrics import EvalCounts, aggregate_evaluate_metrics
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.strategy import ServerStep, TrackedFedAvg, payload_bytes
-from tests.conftest import make_config, train_reply
+from tests.helpers import make_config, train_reply
 
 
 @pytest.fixture()

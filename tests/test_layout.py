@@ -10,7 +10,7 @@ import zipfile
 
 from flwr.cli.build import build_fab_from_disk
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_the_fab_every_supernode_receives_holds_the_app_package_only() -> None:
@@ -56,7 +56,7 @@ def test_building_the_student_leaves_the_callers_random_state_alone() -> None:
     import torch
 
     from fedkdlora_app.models import build_student
-    from tests.conftest import make_config
+    from tests.helpers import make_config
 
     config = make_config(scheme="fedlora")
     torch.manual_seed(123)

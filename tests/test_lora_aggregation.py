@@ -14,7 +14,7 @@ from fedkdlora_app.models import build_student, shipped_state
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.strategy import ServerStep, TrackedFedAvg, TrackedServerSideClippingDP, payload_bytes
 from fedkdlora_app.wire import from_wire, to_wire
-from tests.conftest import make_config, train_reply
+from tests.helpers import make_config, train_reply
 
 ALPHA = 16.0
 MODULES = {"base_model.model.layer.0.query": (6, 5), "base_model.model.layer.0.value": (7, 4)}  # (out, in)

@@ -139,3 +139,16 @@ def test_same_seed_same_initial_student() -> None:
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     other = shipped_state(build_student(make_config(scheme="fedlora", seed=config.seed + 1)), config)
     assert any(not torch.equal(states[0][k], other[k]) for k in other)
+
+
+@pytest.mark.parametrize("scheme", ["fedavg", "fedlora"])
+def test_the_shipped_state_is_a_snapshot_the_model_cannot_change(scheme: str) -> None:
+    """A cached client model trains on after handing out its state; what was handed out must stay."""
+    config = make_config(scheme=scheme)
+    model = build_student(config)
+    state = shipped_state(model, config)
+    before = {key: tensor.clone() for key, tensor in state.items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    assert all(torch.equal(state[key], before[key]) for key in state)

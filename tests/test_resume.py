@@ -15,8 +15,7 @@ from fedkdlora_app.checkpoint import Checkpoint
 from fedkdlora_app.config import ConfigError
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_tools.launcher import format_overrides
-from tests.conftest import GLUE_DIR, REPO, make_config
-from tests.helpers import QUICK, simulate
+from tests.helpers import GLUE_DIR, QUICK, REPO, make_config, simulate
 
 KD = {
     **QUICK,

@@ -12,7 +12,7 @@ from fedkdlora_app.progress import Progress
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.wire import from_wire, to_wire
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 TINY = {"max-public-examples": 16, "batch-size": 8, "max-eval-examples": 16, "teacher-pretrain-epochs": 1}
 
