@@ -18,9 +18,9 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 
 from fedkdlora_app.aggregation import UpdateAggregator
+from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.config import RunConfig, app_defaults
 from fedkdlora_app.models import build_student, shipped_state
-from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.wire import to_wire
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,12 +24,12 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.client_app import local_evaluate, local_train
 from fedkdlora_app.config import RunConfig, app_defaults
 from fedkdlora_app.data import eval_split, loader_for
 from fedkdlora_app.models import build_student, load_shipped_state, shipped_state
 from fedkdlora_app.seeding import seed_everything
-from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.training import evaluate
 from fedkdlora_app.wire import to_wire
 from fedkdlora_tools import launcher

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedkdlora_app.aggregation import UpdateAggregator
+from fedkdlora_app.bookkeeping import payload_bytes, payload_params
 from fedkdlora_app.checkpoint import Checkpoint, capture_rng, restore_rng
 from fedkdlora_app.config import RunConfig, run_dir_of
 from fedkdlora_app.data import eval_split, load_split, loader_for, public_and_pool, public_slice
@@ -27,14 +28,7 @@ from fedkdlora_app.progress import Progress, phase_progress
 from fedkdlora_app.protocol import TEACHER_ID_KEY
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
-from fedkdlora_app.strategy import (
-    ServerStep,
-    TrackedFedAvg,
-    payload_bytes,
-    payload_params,
-    privacy_info,
-    private_strategy,
-)
+from fedkdlora_app.strategy import ServerStep, TrackedFedAvg, privacy_info, private_strategy
 from fedkdlora_app.teacher import save_teacher
 from fedkdlora_app.training import evaluate
 from fedkdlora_app.wire import from_wire, to_wire

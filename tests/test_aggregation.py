@@ -10,9 +10,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 from sklearn.metrics import matthews_corrcoef
 
+from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.metrics import EvalCounts, aggregate_evaluate_metrics
 from fedkdlora_app.results import RunRecorder
-from fedkdlora_app.strategy import ServerStep, TrackedFedAvg, payload_bytes
+from fedkdlora_app.strategy import ServerStep, TrackedFedAvg
 from tests.helpers import make_config, train_reply
 
 

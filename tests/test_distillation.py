@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.client_app import local_train
 from fedkdlora_app.config import ConfigError
 from fedkdlora_app.data import eval_split, loader_for, public_slice
 from fedkdlora_app.models import ModelError, build_student, load_classifier, shipped_state
-from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.teacher import TEACHER_INFO, build_teacher, load_teacher
 from fedkdlora_app.training import distill_optimizer, evaluate, mutual_distill
 from fedkdlora_app.wire import to_wire

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord
 from peft import PeftConfig, PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from fedkdlora_app.bookkeeping import payload_bytes, payload_params
 from fedkdlora_app.data import (
     DataError,
     TokenizedDataset,
@@ -37,7 +38,6 @@ from fedkdlora_app.models import (
     load_tokenizer,
     shipped_state,
 )
-from fedkdlora_app.strategy import payload_bytes, payload_params
 from fedkdlora_app.teacher import TEACHER_INFO
 from fedkdlora_app.training import evaluate, mutual_distill
 from fedkdlora_tools.pretrain import main as pretrain_main

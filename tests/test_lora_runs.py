@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 
+from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.models import build_student, load_saved_student, shipped_state
-from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.wire import to_wire
 from tests.helpers import QUICK, ROUNDS, make_config, simulate
 

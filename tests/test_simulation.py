@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.data import eval_split, loader_for
 from fedkdlora_app.models import build_student, load_saved_student, shipped_state
-from fedkdlora_app.strategy import payload_bytes
 from fedkdlora_app.training import evaluate
 from fedkdlora_app.wire import to_wire
 from tests.helpers import GLUE_DIR, QUICK, ROUNDS, make_config, simulate
