@@ -10,6 +10,7 @@ example-weighted mean of the shipped state" (the app's `partitioning = "contiguo
 naive aggregation). Its figures choose settings; the app's own runs on CPU confirm them.
 
     python bench/cola_probe.py --model DIR --glue DIR --out probe.jsonl [--rounds 10]
+    python bench/cola_probe.py --model DIR --glue DIR --out schemes.jsonl --schemes --seeds 42 43 44
 
 DIR of --model: all-MiniLM-L6-v2 (any dtype; loaded as float32). One JSON line per round
 per setting, written as it goes, so a run cut short keeps what it measured.
@@ -37,7 +38,7 @@ from gpu_check import run_config  # noqa: E402  (bench/ is the script's folder: 
 
 from fedkdlora_app.config import RunConfig  # noqa: E402
 from fedkdlora_app.models import load_classifier, lora_config  # noqa: E402
-from fedkdlora_app.training import evaluate, train_epochs  # noqa: E402
+from fedkdlora_app.training import evaluate, mutual_distill, train_epochs  # noqa: E402
 
 ALL_LINEAR = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
 # name -> (run-config overrides, federated clients: 0 = centralized, the whole client pool on one node)
@@ -55,6 +56,13 @@ SETTINGS: dict[str, tuple[dict, int]] = {
     "teacher 6 layers full lr1e-4 on public": (
         {"scheme": "fedavg", "student_layers": 0, "client_lr": 1e-4}, -1),
 }  # fmt: skip
+# --schemes: the four rows of a scheme comparison, at the app's defaults (fed4 = 4 clients).
+SCHEMES: dict[str, tuple[dict, int]] = {
+    "fedavg": ({"scheme": "fedavg"}, 4),
+    "fedlora": ({}, 4),
+    "fedkdlora": ({"scheme": "fedkdlora"}, 4),
+    "centralized (fedlora)": ({}, 0),
+}
 
 
 def read_cola(path: Path) -> tuple[list[str], list[int]]:
@@ -103,6 +111,42 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], lora: boo
         model.load_state_dict(state)
 
 
+def pretrained_teacher(
+    config: RunConfig, model_dir: str, public: TensorDataset, device: torch.device
+) -> torch.nn.Module:
+    """All 6 layers, fully fine-tuned on the public slice, as `teacher.pretrain_teacher` does."""
+    torch.manual_seed(config.seed)
+    teacher = load_classifier(model_dir, 2).float().to(device)
+    loader = DictLoader(public, config.batch_size, True, config.seed)
+    train_epochs(
+        teacher, loader, config.teacher_lr, config.teacher_pretrain_epochs, device, linear_decay=True
+    )
+    return teacher
+
+
+def server_step(
+    config: RunConfig,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    public: TensorDataset,
+    round_: int,
+    device: torch.device,
+) -> None:
+    """Teacher alone, then teacher + student mutually, on the public slice (the app's functions)."""
+    loader = DictLoader(public, config.batch_size, True, config.seed + round_)
+    train_epochs(teacher, loader, config.distill_lr, config.teacher_epochs, device, linear_decay=True)
+    mutual_distill(
+        student,
+        teacher,
+        loader,
+        config.distill_student_lr,
+        config.distill_lr,
+        config.kd_epochs,
+        device,
+        "probe",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -110,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--only", nargs="*", help="setting names to run (default all)")
+    parser.add_argument(
+        "--schemes",
+        action="store_true",
+        help="the scheme comparison (FedAvg, FedLoRA, FedKDLoRA with its server step, centralized) instead",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument(
         "--smoke", action="store_true", help="64 examples per split: checks the script on CPU"
     )
@@ -136,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         f"cola: public {len(public)}, client pool {len(pool)}, dev {len(dev.dataset)}, device {device}",
         flush=True,
     )
+    settings = SCHEMES if args.schemes else SETTINGS
+    plan = [(seed, name) for seed in args.seeds for name in settings if not args.only or name in args.only]
     with args.out.open("a") as out:
-        for name, (overrides, clients) in SETTINGS.items():
-            if args.only and name not in args.only:
-                continue
-            config = replace(base, **overrides)
+        for seed, name in plan:
+            overrides, clients = settings[name]
+            config = replace(base, **overrides, seed=seed)
             lr = config.lora_client_lr if config.uses_lora else config.client_lr
             model = build(config, args.model).to(device)
             if clients > 0:
@@ -149,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 shards = [public if clients < 0 else pool]
             start = time.perf_counter()
+            teacher = pretrained_teacher(config, args.model, public, device) if config.uses_teacher else None
             for round_ in range(1, args.rounds + 1):
                 global_state = state_of(model, config.uses_lora)
                 states, sizes = [], []
@@ -167,14 +219,20 @@ def main(argv: list[str] | None = None) -> int:
                     load_state(
                         model, {k: v.to(states[0][k].dtype) for k, v in mean.items()}, config.uses_lora
                     )
+                if teacher is not None:  # the server step, as ServerDistillation.after_aggregate runs it
+                    server_step(config, model, teacher, public, round_, device)
                 counts = evaluate(model, dev, device)
                 scores = counts.metrics()
-                line = {"setting": name, "round": round_, "seconds": round(time.perf_counter() - start, 1)}
+                line = {"setting": name, "seed": seed, "round": round_}
                 line |= {key: scores[key] for key in ("accuracy", "mcc", "loss")}
+                if teacher is not None:
+                    line["teacher_mcc"] = evaluate(teacher, dev, device).metrics()["mcc"]
+                line["seconds"] = round(time.perf_counter() - start, 1)
                 out.write(json.dumps(line) + "\n")
                 out.flush()
                 print(
-                    f"{name:42s} round {round_:2d}: acc {line['accuracy']:.4f} mcc {line['mcc']:+.4f}",
+                    f"{name:38s} seed {seed} round {round_:2d}: acc {line['accuracy']:.4f} "
+                    f"mcc {line['mcc']:+.4f} {line['seconds']:.0f} s",
                     flush=True,
                 )
     return 0
