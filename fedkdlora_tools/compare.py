@@ -4,7 +4,8 @@ Each run is a real Flower simulation through `fedkdlora-run`; sweeps over LoRA r
 public-data shares and LoRA variants (aggregation, FFA-LoRA, wire dtype) are options of
 this one command. `--quick` caps the data so that all
 three schemes finish in minutes on a laptop CPU; `--medium` keeps the whole public slice
-and caps the clients so one FedKDLoRA CoLA run takes about 15 minutes on 2 CPU cores;
+and caps the clients, aiming at about 15 minutes per FedKDLoRA CoLA run on 2 CPU cores (a
+target, not yet measured);
 without either the settings are those of the original study (full data, 4 clients,
 10 rounds, r = 8/16/32) and are meant for a GPU. `--seeds` repeats every run per seed,
 `--centralized` adds the single-node ceiling and `--target` the rounds and bytes to reach
@@ -32,7 +33,7 @@ QUICK_CAPS = {
     "teacher-pretrain-epochs": 3,
 }
 # The whole public slice (CoLA: 1,710 examples, the teacher's cost), capped clients and dev;
-# with 6 rounds about 15 min per FedKDLoRA CoLA run on 2 CPU cores (estimate: docs/benchmarks.md).
+# with 6 rounds aimed at about 15 min per FedKDLoRA CoLA run on 2 CPU cores (not yet measured).
 MEDIUM_CAPS = {
     "max-train-examples-per-client": 500,
     "max-eval-examples": 500,
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument(
         "--medium",
         action="store_true",
-        help="whole public slice, 500 examples per client, 500 dev: ~15 min per FedKDLoRA CoLA run",
+        help="whole public slice, 500 examples per client, 500 dev, 6 rounds (aimed at ~15 min per "
+        "FedKDLoRA CoLA run on 2 CPU cores; not yet measured)",
     )
     parser.add_argument(
         "--rounds",
