@@ -166,10 +166,7 @@ class ServerDistillation:
         )
 
     def _progress(self, what: str, epochs: int) -> Progress | None:
-        loader = self.public_loader
-        return phase_progress(
-            what, len(loader), loader.batch_size or 1, epochs, self.config.progress_interval
-        )
+        return phase_progress(what, self.public_loader, epochs, self.config.progress_interval)
 
 
 class Background:

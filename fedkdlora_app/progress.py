@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 # Flower's logger, by name: the learning code imports without flwr (GPU machines, bench/).
 LOGGER = logging.getLogger("flwr")
@@ -43,6 +44,6 @@ class Progress:
         self.lines += 1
 
 
-def phase_progress(what: str, batches: int, batch_size: int, epochs: int, interval: float) -> Progress | None:
-    """A `Progress` for `epochs` passes over a loader, or None when progress lines are off."""
-    return Progress(what, batches * batch_size * epochs, interval) if interval > 0 else None
+def phase_progress(what: str, loader: Any, epochs: int, interval: float) -> Progress | None:
+    """A `Progress` for `epochs` passes over a loader's dataset, or None when progress lines are off."""
+    return Progress(what, len(loader.dataset) * epochs, interval) if interval > 0 else None

@@ -99,10 +99,9 @@ def run_federation(
         load_shipped_state(student, global_state, config)
 
         def progress(role: str) -> Progress | None:
-            batches, size = len(eval_loader), eval_loader.batch_size or 1
-            return phase_progress(f"round {server_round}: {role} evaluation", batches, size, 1, interval)
+            interval = config.progress_interval
+            return phase_progress(f"round {server_round}: {role} evaluation", eval_loader, 1, interval)
 
-        interval = config.progress_interval
         metrics = {
             "student": evaluate(student, eval_loader, device, config.precision, progress("student")).metrics()
         }

@@ -47,9 +47,7 @@ def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTraine
         linear_decay=True,
         what="teacher pre-training",
         precision=config.precision,
-        progress=phase_progress(
-            "teacher pre-training", len(loader), loader.batch_size or 1, epochs, config.progress_interval
-        ),
+        progress=phase_progress("teacher pre-training", loader, epochs, config.progress_interval),
     )
     info = {
         "task": config.task,
