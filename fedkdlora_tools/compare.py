@@ -4,8 +4,8 @@ Each run is a real Flower simulation through `fedkdlora-run`; sweeps over LoRA r
 public-data shares and LoRA variants (aggregation, FFA-LoRA, wire dtype) are options of
 this one command. `--quick` caps the data so that all
 three schemes finish in minutes on a laptop CPU; `--medium` keeps the whole public slice
-and caps the clients, aiming at about 15 minutes per FedKDLoRA CoLA run on 2 CPU cores (a
-target, not yet measured);
+and caps the clients: one FedKDLoRA CoLA run (r 8) took 9 min 39 s on 2 idle CPU cores
+(docs/benchmarks.md);
 without either the settings are those of the original study (full data, 4 clients,
 10 rounds, r = 8/16/32) and are meant for a GPU. `--seeds` repeats every run per seed,
 `--centralized` adds the single-node ceiling and `--target` the rounds and bytes to reach
@@ -33,7 +33,7 @@ QUICK_CAPS = {
     "teacher-pretrain-epochs": 3,
 }
 # The whole public slice (CoLA: 1,710 examples, the teacher's cost), capped clients and dev;
-# with 6 rounds aimed at about 15 min per FedKDLoRA CoLA run on 2 CPU cores (not yet measured).
+# with 6 rounds one FedKDLoRA CoLA run took 9 min 39 s on 2 idle CPU cores (docs/benchmarks.md).
 MEDIUM_CAPS = {
     "max-train-examples-per-client": 500,
     "max-eval-examples": 500,
@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument(
         "--medium",
         action="store_true",
-        help="whole public slice, 500 examples per client, 500 dev, 6 rounds (aimed at ~15 min per "
-        "FedKDLoRA CoLA run on 2 CPU cores; not yet measured)",
+        help="whole public slice, 500 examples per client, 500 dev, 6 rounds (one FedKDLoRA CoLA run: "
+        "about 10 min on 2 CPU cores)",
     )
     parser.add_argument(
         "--rounds",
