@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,12 @@ sys.path.insert(0, str(REPO))
 from gpu_check import run_config  # noqa: E402  (bench/ is the script's folder: sys.path[0])
 
 from fedkdlora_app.config import RunConfig  # noqa: E402
-from fedkdlora_app.models import load_classifier, lora_config  # noqa: E402
+from fedkdlora_app.models import (  # noqa: E402
+    load_classifier,
+    load_shipped_state,
+    lora_config,
+    shipped_state,
+)
 from fedkdlora_app.training import evaluate, mutual_distill, train_epochs  # noqa: E402
 
 ALL_LINEAR = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
@@ -97,18 +102,6 @@ def build(config: RunConfig, model_dir: str) -> torch.nn.Module:
     if config.uses_lora:
         model = get_peft_model(model, lora_config(config, model.config.model_type))
     return model
-
-
-def state_of(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
-    state = get_peft_model_state_dict(model) if lora else model.state_dict()
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
-    if lora:
-        set_peft_model_state_dict(model, state)
-    else:
-        model.load_state_dict(state)
 
 
 def pretrained_teacher(
@@ -202,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             teacher = pretrained_teacher(config, args.model, public, device) if config.uses_teacher else None
             for round_ in range(1, args.rounds + 1):
-                global_state = state_of(model, config.uses_lora)
+                global_state = shipped_state(model, config)
                 states, sizes = [], []
                 for i, shard in enumerate(shards):
-                    load_state(model, global_state, config.uses_lora)
+                    load_shipped_state(model, global_state, config)
                     loader = DictLoader(shard, config.batch_size, True, config.seed + 1000 * round_ + i)
                     train_epochs(model, loader, lr, config.local_epochs, device)
-                    states.append(state_of(model, config.uses_lora))
+                    states.append(shipped_state(model, config))
                     sizes.append(len(shard))
                 if len(states) > 1:
                     total = sum(sizes)
@@ -216,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                         k: sum(s[k].float() * n for s, n in zip(states, sizes, strict=True)) / total
                         for k in states[0]
                     }
-                    load_state(
-                        model, {k: v.to(states[0][k].dtype) for k, v in mean.items()}, config.uses_lora
-                    )
+                    load_shipped_state(model, {k: v.to(states[0][k].dtype) for k, v in mean.items()}, config)
                 if teacher is not None:  # the server step, as ServerDistillation.after_aggregate runs it
                     server_step(config, model, teacher, public, round_, device)
                 counts = evaluate(model, dev, device)

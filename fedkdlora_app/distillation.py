@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from logging import INFO
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -66,7 +64,10 @@ class ServerDistillation:
         self.public_loader = loader_for(public_slice(config), config, shuffle_seed=config.seed)
         # Clients distil from the pre-trained teacher, as it was before any round changed it.
         self.client_teacher_records = teacher_records(pretrained, self.teacher_id) if config.client_kd else {}
-        self._teacher_phase: Background | None = None
+        # One worker: the teacher-alone phase runs there while the clients train. Torch
+        # releases the GIL in its kernels, so it computes while the main thread waits.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedkdlora-teacher-phase")
+        self._teacher_phase: Future[TrainResult] | None = None
         self._undo: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
 
     def start_teacher_phase(self, server_round: int) -> None:
@@ -83,7 +84,7 @@ class ServerDistillation:
             torch.get_rng_state(),
             self.public_loader.generator.get_state(),
         )
-        self._teacher_phase = Background(lambda: self._train_teacher_alone(server_round))
+        self._teacher_phase = self._worker.submit(self._train_teacher_alone, server_round)
 
     def skip_round(self, server_round: int) -> None:
         """No aggregate this round, so no server step: undo an overlapped teacher phase."""
@@ -167,33 +168,6 @@ class ServerDistillation:
 
     def _progress(self, what: str, epochs: int) -> Progress | None:
         return phase_progress(what, self.public_loader, epochs, self.config.progress_interval)
-
-
-class Background:
-    """One function run in a thread; `result()` joins it and returns its value or raises its error.
-
-    Torch releases the GIL in its kernels, so the thread computes while the main thread
-    waits for the clients' replies.
-    """
-
-    def __init__(self, work: Callable[[], Any]) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = work()
-            except BaseException as error:  # re-raised in the thread that joins
-                self._error = error
-
-        self._thread = threading.Thread(target=run, name="fedkdlora-teacher-phase", daemon=True)
-        self._thread.start()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def teacher_records(teacher: torch.nn.Module, teacher_id: str) -> dict[str, ArrayRecord | ConfigRecord]:

@@ -150,7 +150,7 @@ def mutual_distill(
     return terms
 
 
-def _mutual_epoch(  # one pass of `mutual_distill`; the last step's terms
+def _mutual_epoch(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     loader: DataLoader,
@@ -161,6 +161,7 @@ def _mutual_epoch(  # one pass of `mutual_distill`; the last step's terms
     precision: str,
     progress: Progress | None,
 ) -> dict[str, float]:
+    """One pass of `mutual_distill` over the loader; the last step's terms."""
     terms: dict[str, float] = {}
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}

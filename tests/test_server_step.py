@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from fedkdlora_app import progress as progress_module
 from fedkdlora_app.distillation import ServerDistillation
 from fedkdlora_app.models import build_student, shipped_state
 from fedkdlora_app.progress import Progress
@@ -55,21 +56,13 @@ def test_overlapping_the_teacher_phase_gives_the_sequential_result_bit_for_bit(t
         assert (seq_terms[r]["overlapped"], ovl_terms[r]["overlapped"]) == (False, True)
 
 
-def test_progress_lines_say_examples_rate_and_time_left(caplog) -> None:
-    clock = iter([0.0, 0.0, 5.0, 6.0, 12.0, 20.0])
+def test_progress_lines_say_examples_rate_and_time_left(caplog, monkeypatch) -> None:
     progress = Progress("teacher alone", total=100, interval=5.0)
-    progress.started = progress.last = next(clock)
+    progress.started = progress.last = 0.0
     with caplog.at_level(logging.INFO, logger="flwr"):
-        for examples in (10, 10, 30, 25):
-            now = next(clock)
-            import time as time_module
-
-            original = time_module.perf_counter
-            time_module.perf_counter = lambda now=now: now
-            try:
-                progress.advance(examples)
-            finally:
-                time_module.perf_counter = original
+        for now, examples in ((0.0, 10), (5.0, 10), (6.0, 30), (12.0, 25)):
+            monkeypatch.setattr(progress_module.time, "perf_counter", lambda now=now: now)
+            progress.advance(examples)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher alone")]
     # t=0: not yet; t=5: 20/100, 4.0/s, 20 s left; t=6: within 5 s of the last line; t=12: 75/100
     assert lines == [
