@@ -103,7 +103,13 @@ def local_train(
     # Seed after the (cached or first-time) model build, so dropout draws the same either way.
     seed = client_seed(config.seed, server_round, partition_id)
     torch.manual_seed(seed)
-    loader = make_loader(examples, load_tokenizer(config.student_model), config.batch_size, shuffle_seed=seed)
+    loader = make_loader(
+        examples,
+        load_tokenizer(config.student_model),
+        config.batch_size,
+        shuffle_seed=seed,
+        length_grouped=config.length_grouped_batches,
+    )
     device = client_device(config)
     objective = cross_entropy
     if teacher is not None:

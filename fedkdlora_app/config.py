@@ -93,6 +93,7 @@ class RunConfig:
     precision: str
     progress_interval: float
     server_step_overlap: bool
+    length_grouped_batches: bool
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], check_files: bool = True) -> RunConfig:

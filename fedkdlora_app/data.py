@@ -18,8 +18,9 @@ import datasets
 import pandas as pd
 import torch
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.errors import DataError
@@ -236,34 +237,55 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return self._features[index]
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per example: what a batch is padded to the longest of."""
+        return [len(f["input_ids"]) for f in self._features]
+
 
 def make_loader(
     examples: TokenizedDataset,
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
     shuffle_seed: int | None = None,
+    length_grouped: bool = False,
 ) -> DataLoader:
-    """Batches padded to their longest example; shuffled only when a seed is given."""
-    generator = None
-    if shuffle_seed is not None:
-        generator = torch.Generator().manual_seed(shuffle_seed)
+    """Batches padded to their longest example.
+
+    Training (a `shuffle_seed`): a seeded random order, or with `length_grouped` the seeded
+    length-grouped order of transformers' `LengthGroupedSampler` (random mega-batches, each
+    sorted by length), so a batch carries less padding. Evaluation (no seed): sorted by
+    length, which pads least and changes no metric. Either way the loader's generator is
+    the sampler's, so saving and restoring it replays the same order.
+    """
+    collate = DataCollatorWithPadding(tokenizer)
+    if shuffle_seed is None:
+        lengths = examples.lengths
+        order = sorted(range(len(examples)), key=lengths.__getitem__)
+        return DataLoader(examples, batch_size=batch_size, sampler=order, collate_fn=collate)
+    generator = torch.Generator().manual_seed(shuffle_seed)
+    if length_grouped:
+        sampler = LengthGroupedSampler(batch_size, lengths=examples.lengths, generator=generator)
+    else:
+        sampler = RandomSampler(examples, generator=generator)
     return DataLoader(
         examples,
         batch_size=batch_size,
-        shuffle=shuffle_seed is not None,
+        sampler=sampler,
         generator=generator,
-        collate_fn=DataCollatorWithPadding(tokenizer),
+        collate_fn=collate,
     )
 
 
 def loader_for(dataset: datasets.Dataset, config: RunConfig, shuffle_seed: int | None = None) -> DataLoader:
-    """Tokenise `dataset` with the run's tokenizer and batch it."""
+    """Tokenise `dataset` with the run's tokenizer and batch it (training: a seed; see `make_loader`)."""
     tokenizer = load_tokenizer(config.student_model)
     return make_loader(
         TokenizedDataset(dataset, tokenizer, config.max_seq_length),
         tokenizer,
         config.batch_size,
         shuffle_seed,
+        config.length_grouped_batches,
     )
 
 

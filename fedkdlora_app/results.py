@@ -39,6 +39,7 @@ ADDED_KEY_DEFAULTS = {
     "distill-student-lr": 2e-5,  # the student trained at distill-lr, whose default was 2e-5
     "progress-interval": 0.0,
     "server-step-overlap": False,
+    "length-grouped-batches": False,
 }
 
 

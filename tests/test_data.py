@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from fedkdlora_app.data import (
     DataError,
@@ -14,9 +16,13 @@ from fedkdlora_app.data import (
     client_train_partition,
     eval_split,
     load_split,
+    loader_for,
     public_and_pool,
+    public_slice,
     read_glue_tsv,
 )
+from fedkdlora_app.models import load_classifier
+from fedkdlora_app.training import evaluate
 from tests.helpers import GLUE_DIR, make_config
 
 
@@ -134,6 +140,47 @@ def test_train_cap_keeps_a_partitions_first_rows_and_eval_is_a_seeded_sample_of_
     assert set(eval_split(reseeded)["idx"]) != set(drawn)
     shards = [client_eval_shard(capped, pid, 3)["idx"] for pid in range(3)]
     assert [i for shard in shards for i in shard] == dev["idx"], "client eval shards must tile the eval set"
+
+
+def _epoch(loader: DataLoader) -> tuple[list[int], int]:
+    """One pass: the example order the sampler draws, and the tokens its batches carry with padding."""
+    order = list(loader.sampler)
+    return order, sum(batch["input_ids"].numel() for batch in loader)
+
+
+def test_length_grouped_batches_pad_less_and_still_shuffle_every_example_once() -> None:
+    grouped = make_config(task="sst2", **{"max-public-examples": 500, "length-grouped-batches": True})
+    plain = make_config(task="sst2", **{"max-public-examples": 500, "length-grouped-batches": False})
+    grouped_loader = loader_for(public_slice(grouped), grouped, shuffle_seed=grouped.seed)
+    plain_loader = loader_for(public_slice(plain), plain, shuffle_seed=plain.seed)
+    real_tokens = sum(grouped_loader.dataset.lengths)
+    (g1, g_tokens), (g2, _) = _epoch(grouped_loader), _epoch(grouped_loader)
+    p1, p_tokens = _epoch(plain_loader)
+    assert sorted(g1) == sorted(g2) == list(range(500)), "every example once per epoch"
+    assert g1 != g2 and g1 != sorted(g1), "still shuffled, and differently each epoch"
+    # SST-2's first 500: 6,478 real tokens, 19,520 in random batches, 11,872 length-grouped
+    assert real_tokens < g_tokens < 0.7 * p_tokens, (real_tokens, g_tokens, p_tokens)
+    again = loader_for(public_slice(grouped), grouped, shuffle_seed=grouped.seed)
+    assert _epoch(again)[0] == g1, "the same seed gives the same order"
+    # without grouping, the order of a shuffled DataLoader with that seed, as before the key existed
+    shuffled = DataLoader(range(500), shuffle=True, generator=torch.Generator().manual_seed(plain.seed))
+    assert p1 == list(shuffled.sampler)
+
+
+def test_evaluation_batches_are_sorted_by_length_and_give_the_same_metrics() -> None:
+    config = make_config(task="sst2", **{"max-eval-examples": 200})
+    loader = loader_for(eval_split(config), config)
+    order, tokens = _epoch(loader)
+    lengths = loader.dataset.lengths
+    assert sorted(order) == list(range(200)) and [lengths[i] for i in order] == sorted(lengths)
+    file_order = DataLoader(loader.dataset, batch_size=config.batch_size, collate_fn=loader.collate_fn)
+    assert tokens < 0.8 * _epoch(file_order)[1]
+    torch.manual_seed(0)
+    model = load_classifier("", 2)
+    by_length = evaluate(model, loader, model.device).metrics()
+    in_file_order = evaluate(model, file_order, model.device).metrics()
+    assert by_length["accuracy"] == in_file_order["accuracy"]
+    assert by_length["loss"] == pytest.approx(in_file_order["loss"], rel=1e-5)
 
 
 def test_more_partitions_than_examples_is_an_error() -> None:

@@ -1,0 +1,102 @@
+"""Random vs length-grouped batches, file-order vs length-sorted evaluation (issue 14).
+
+Times the project's own passes on the real public slice, with the embedded MiniLM
+teacher (6 layers) and the default student (3 layers + LoRA): the teacher-alone phase
+(`train_epochs`), the mutual phase (`mutual_distill`), a LoRA client's local training
+and server evaluation on dev. Each pass runs plain then grouped, interleaved (A B A B)
+so that a machine's drift hits both alike; the models are rebuilt before every pass:
+
+    python bench/length_grouping.py --task sst2 --examples 500 --repeats 3 --out grouping.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gpu_check import run_config  # noqa: E402  (bench/ is the script's folder: sys.path[0])
+
+from fedkdlora_app.config import RunConfig  # noqa: E402
+from fedkdlora_app.data import eval_split, loader_for, public_slice  # noqa: E402
+from fedkdlora_app.models import build_student, load_classifier  # noqa: E402
+from fedkdlora_app.training import evaluate, mutual_distill, train_epochs  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def passes(config: RunConfig) -> dict[str, float]:
+    """Seconds of each pass under `config` (its `length-grouped-batches` decides the batching)."""
+    public = loader_for(public_slice(config), config, shuffle_seed=config.seed)
+    seconds = {}
+    torch.manual_seed(0)
+    teacher = load_classifier("", config.num_labels, attn_implementation="eager")
+    started = time.perf_counter()
+    train_epochs(teacher, public, config.distill_lr, 1, CPU, linear_decay=True)
+    seconds["teacher alone"] = time.perf_counter() - started
+    student = build_student(config)
+    started = time.perf_counter()
+    mutual_distill(student, teacher, public, config.distill_student_lr, config.distill_lr, 1, CPU, "mutual")
+    seconds["mutual"] = time.perf_counter() - started
+    started = time.perf_counter()
+    train_epochs(student, public, config.learning_rate, 1, CPU)
+    seconds["LoRA client training"] = time.perf_counter() - started
+    dev = loader_for(eval_split(config), config)
+    if not config.length_grouped_batches:  # the evaluation order before sorting: file order
+        dev = DataLoader(dev.dataset, batch_size=config.batch_size, collate_fn=dev.collate_fn)
+    started = time.perf_counter()
+    evaluate(student, dev, CPU)
+    seconds["evaluation"] = time.perf_counter() - started
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="sst2", choices=("sst2", "cola"))
+    parser.add_argument("--examples", type=int, default=500, help="public examples (0 = the whole slice)")
+    parser.add_argument("--eval-examples", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    base = replace(
+        run_config(),
+        task=args.task,
+        data_dir=args.data_dir,
+        max_public_examples=args.examples,
+        max_eval_examples=args.eval_examples,
+    )
+    times: dict[str, dict[str, list[float]]] = {"plain": {}, "grouped": {}}
+    for _ in range(args.repeats):
+        for name, grouped in (("plain", False), ("grouped", True)):
+            for phase, value in passes(replace(base, length_grouped_batches=grouped)).items():
+                times[name].setdefault(phase, []).append(value)
+            print(name, {p: round(v[-1], 2) for p, v in times[name].items()}, flush=True)
+    medians = {k: {p: statistics.median(v) for p, v in d.items()} for k, d in times.items()}
+    report = {
+        "machine": f"torch threads {torch.get_num_threads()}",
+        "task": args.task,
+        "public_examples": args.examples,
+        "eval_examples": args.eval_examples,
+        "median_seconds": medians,
+        "grouped_speedup": {p: medians["plain"][p] / medians["grouped"][p] for p in medians["plain"]},
+        "all_seconds": times,
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "all_seconds"}, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
