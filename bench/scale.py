@@ -6,7 +6,7 @@ the same total client data split over 4, 16 and 64 simulated clients, and 4 clie
 memory of its processes (found by their FLWR_HOME): the ServerApp's (`flwr-simulation`
 holds it in 1.42) and the largest client worker's (`ray::ClientAppActor`).
 
-    python bench/scale.py --out bench/results/scale.json                  # about 20 min on 2 cores
+    python bench/scale.py --out bench/results/scale.json                  # about 11 min on 2 cores
     python bench/scale.py --clients 4 16 --data-scales 1 --rounds 2 ...   # a subset
 
 Per round it reports the median over rounds 2..R (round 1 also starts the workers).
@@ -71,6 +71,9 @@ def measure(clients: int, per_client: int, args: argparse.Namespace, out_dir: Pa
         "teacher-pretrain-epochs": 1,
         "min-available-nodes": clients,
         "progress-interval": 0.0,
+        # sequential: on one 2-core machine the overlapped teacher phase would compete with the
+        # clients and blur both costs (--overlap measures that order)
+        "server-step-overlap": args.overlap,
         "results-dir": str(results_dir),
     }
     home = Path(tempfile.mkdtemp(prefix="fedkdlora-scale-"))
@@ -95,16 +98,24 @@ def measure(clients: int, per_client: int, args: argparse.Namespace, out_dir: Pa
         "run_seconds": round(seconds, 1),
         "round_seconds": [round(r["wall_seconds"], 1) for r in rounds],
         "median_round_seconds": round(statistics.median(r["wall_seconds"] for r in steady), 1),
-        "median_server_step_seconds": round(
-            statistics.median(r["distillation"]["seconds"] for r in steady), 1
-        ),
-        "median_client_train_seconds_sum": round(
-            statistics.median(r["clients"]["train"]["train-seconds-sum"] for r in steady), 1
-        ),
+        "median_server_step_seconds": _median(steady, "distillation", "seconds"),
+        "median_teacher_alone_seconds": _median(steady, "distillation", "teacher-seconds"),
+        "median_mutual_seconds": _median(steady, "distillation", "mutual-seconds"),
+        "median_client_train_seconds_sum": _median(steady, "clients", "train", "train-seconds-sum"),
+        "median_client_train_seconds_max": _median(steady, "clients", "train", "train-seconds-max"),
         "peak_rss_mib": {role: round(v / 2**20) for role, v in sampler.peak.items()},
         "processes": sampler.processes,
         "results": str(path),
     }
+
+
+def _median(rounds: list[dict[str, Any]], *path: str) -> float:
+    values = []
+    for entry in rounds:
+        for key in path:
+            entry = entry[key]
+        values.append(entry)
+    return round(statistics.median(values), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public-examples", type=int, default=256)
     parser.add_argument("--eval-examples", type=int, default=256)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
+    parser.add_argument("--overlap", action="store_true", help="server-step-overlap=true (default: false)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     plan = [(n, args.total_examples // n) for n in args.clients]
