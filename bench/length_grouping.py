@@ -11,9 +11,6 @@ so that a machine's drift hits both alike; the models are rebuilt before every p
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -25,7 +22,8 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpu_check import run_config  # noqa: E402  (bench/ is the script's folder: sys.path[0])
+from ab_timing import arguments, interleaved, publish, report  # noqa: E402  (bench/ is the script's folder: sys.path[0])
+from gpu_check import run_config  # noqa: E402
 
 from fedkdlora_app.config import RunConfig  # noqa: E402
 from fedkdlora_app.data import eval_split, loader_for, public_slice  # noqa: E402
@@ -61,13 +59,9 @@ def passes(config: RunConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, examples=500)
     parser.add_argument("--task", default="sst2", choices=("sst2", "cola"))
-    parser.add_argument("--examples", type=int, default=500, help="public examples (0 = the whole slice)")
     parser.add_argument("--eval-examples", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     base = replace(
         run_config(),
@@ -76,25 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         max_public_examples=args.examples,
         max_eval_examples=args.eval_examples,
     )
-    times: dict[str, dict[str, list[float]]] = {"plain": {}, "grouped": {}}
-    for _ in range(args.repeats):
-        for name, grouped in (("plain", False), ("grouped", True)):
-            for phase, value in passes(replace(base, length_grouped_batches=grouped)).items():
-                times[name].setdefault(phase, []).append(value)
-            print(name, {p: round(v[-1], 2) for p, v in times[name].items()}, flush=True)
-    medians = {k: {p: statistics.median(v) for p, v in d.items()} for k, d in times.items()}
-    report = {
-        "machine": f"torch threads {torch.get_num_threads()}",
-        "task": args.task,
-        "public_examples": args.examples,
-        "eval_examples": args.eval_examples,
-        "median_seconds": medians,
-        "grouped_speedup": {p: medians["plain"][p] / medians["grouped"][p] for p in medians["plain"]},
-        "all_seconds": times,
-    }
-    print(json.dumps({k: v for k, v in report.items() if k != "all_seconds"}, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    times = interleaved(
+        {
+            "plain": lambda: passes(replace(base, length_grouped_batches=False)),
+            "grouped": lambda: passes(replace(base, length_grouped_batches=True)),
+        },
+        args.repeats,
+    )
+    about = {"task": args.task, "public_examples": args.examples, "eval_examples": args.eval_examples}
+    publish(report(times, "plain", "grouped", **about), args.out)
     return 0
 
 
