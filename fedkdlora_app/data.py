@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from pathlib import Path
 
 import datasets
@@ -237,7 +237,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return self._features[index]
 
-    @property
+    @cached_property  # a client's cached examples are batched anew every round
     def lengths(self) -> list[int]:
         """Tokens per example: what a batch is padded to the longest of."""
         return [len(f["input_ids"]) for f in self._features]
@@ -254,14 +254,13 @@ def make_loader(
 
     Training (a `shuffle_seed`): a seeded random order, or with `length_grouped` the seeded
     length-grouped order of transformers' `LengthGroupedSampler` (random mega-batches, each
-    sorted by length), so a batch carries less padding. Evaluation (no seed): sorted by
-    length, which pads least and changes no metric. Either way the loader's generator is
-    the sampler's, so saving and restoring it replays the same order.
+    sorted by length), so a batch carries less padding; either way the loader's generator
+    is the sampler's, so saving and restoring it replays the same order. Evaluation (no
+    seed): sorted by length, which pads least and changes no metric.
     """
     collate = DataCollatorWithPadding(tokenizer)
     if shuffle_seed is None:
-        lengths = examples.lengths
-        order = sorted(range(len(examples)), key=lengths.__getitem__)
+        order = sorted(range(len(examples)), key=examples.lengths.__getitem__)
         return DataLoader(examples, batch_size=batch_size, sampler=order, collate_fn=collate)
     generator = torch.Generator().manual_seed(shuffle_seed)
     if length_grouped:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 # Flower's logger, by name: the learning code imports without flwr (GPU machines, bench/).
 LOGGER = logging.getLogger("flwr")
@@ -44,6 +47,6 @@ class Progress:
         self.lines += 1
 
 
-def phase_progress(what: str, loader: Any, epochs: int, interval: float) -> Progress | None:
+def phase_progress(what: str, loader: DataLoader, epochs: int, interval: float) -> Progress | None:
     """A `Progress` for `epochs` passes over a loader's dataset, or None when progress lines are off."""
     return Progress(what, len(loader.dataset) * epochs, interval) if interval > 0 else None

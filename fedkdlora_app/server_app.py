@@ -99,8 +99,8 @@ def run_federation(
         load_shipped_state(student, global_state, config)
 
         def progress(role: str) -> Progress | None:
-            interval = config.progress_interval
-            return phase_progress(f"round {server_round}: {role} evaluation", eval_loader, 1, interval)
+            what = f"round {server_round}: {role} evaluation"
+            return phase_progress(what, eval_loader, 1, config.progress_interval)
 
         metrics = {
             "student": evaluate(student, eval_loader, device, config.precision, progress("student")).metrics()

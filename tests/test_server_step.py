@@ -50,10 +50,9 @@ def test_overlapping_the_teacher_phase_gives_the_sequential_result_bit_for_bit(t
     assert all(torch.equal(a, b) for a, b in zip(seq_student, ovl_student, strict=True))
     assert all(torch.equal(seq_teacher[k], ovl_teacher[k]) for k in seq_teacher)
     assert seq_terms[1] is None and ovl_terms[1] is None  # no server step without an aggregate
-    for r in (2,):
-        assert seq_terms[r]["last-step"] == ovl_terms[r]["last-step"]
-        assert seq_terms[r]["teacher-train-loss"] == ovl_terms[r]["teacher-train-loss"]
-        assert (seq_terms[r]["overlapped"], ovl_terms[r]["overlapped"]) == (False, True)
+    assert seq_terms[2]["last-step"] == ovl_terms[2]["last-step"]
+    assert seq_terms[2]["teacher-train-loss"] == ovl_terms[2]["teacher-train-loss"]
+    assert (seq_terms[2]["overlapped"], ovl_terms[2]["overlapped"]) == (False, True)
 
 
 def test_progress_lines_say_examples_rate_and_time_left(caplog, monkeypatch) -> None:
