@@ -23,6 +23,9 @@ LORA_AGGREGATIONS = ("naive", "svd")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 DP_CLIPPINGS = ("server", "client")
 PRECISIONS = ("float32", "bfloat16")
+# What reaches the student in FedKDLoRA's server step: the public labels, the teacher, or both.
+SERVER_STUDENT_SIGNALS = ("labels+teacher", "labels", "teacher")
+KD_LOSSES = ("kl", "original")
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -94,6 +97,10 @@ class RunConfig:
     progress_interval: float
     server_step_overlap: bool
     length_grouped_batches: bool
+    server_student_signal: str
+    kd_loss: str
+    public_labelled_pct: float
+    centralized_public: bool
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], check_files: bool = True) -> RunConfig:
@@ -187,6 +194,8 @@ class RunConfig:
         _check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
         _check_choice("dp-clipping", self.dp_clipping, DP_CLIPPINGS)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("server-student-signal", self.server_student_signal, SERVER_STUDENT_SIGNALS)
+        _check_choice("kd-loss", self.kd_loss, KD_LOSSES)
         for key, value, low in (
             ("num-server-rounds", self.num_server_rounds, 1),
             ("lora-r", self.lora_r, 1),
@@ -228,6 +237,20 @@ class RunConfig:
         ):
             if not 0 < value <= 1:
                 raise ConfigError(f"run-config key '{key}' = {value}: must be in (0, 1]")
+        if not 0 < self.public_labelled_pct <= 100:
+            raise ConfigError(
+                f"run-config key 'public-labelled-pct' = {self.public_labelled_pct}: must be in (0, 100]"
+            )
+        if self.kd_loss == "original" and self.server_student_signal != "labels+teacher":
+            raise ConfigError(
+                f"run-config key 'kd-loss' = 'original': reproduces the original loss as a whole, which has "
+                f"no control variants; use server-student-signal = 'labels+teacher', not "
+                f"'{self.server_student_signal}'"
+            )
+        if self.centralized_public and self.teacher_data_pct == 0:
+            raise ConfigError(
+                "run-config key 'centralized-public' = true: needs a public slice (teacher-data-pct > 0)"
+            )
         self._validate_lora_options()
         if self.kd_alpha < 0:
             raise ConfigError(f"run-config key 'kd-alpha' = {self.kd_alpha}: must be >= 0")

@@ -24,6 +24,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.errors import DataError
+from fedkdlora_app.losses import UNLABELLED
 from fedkdlora_app.models import load_tokenizer
 
 HUB_DATASET = "nyu-mll/glue"
@@ -152,9 +153,20 @@ def public_and_pool(
 
 
 def public_slice(config: RunConfig) -> datasets.Dataset:
-    """The server's public slice (capped by max-public-examples): the teacher's data."""
+    """The server's public slice (capped by max-public-examples): where the server step distils."""
     public, _ = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
     return _first(public, config.max_public_examples)
+
+
+def labelled_count(config: RunConfig, public_examples: int) -> int:
+    """How many of the public slice's first examples keep their label (`public-labelled-pct`), >= 1."""
+    return max(1, int(public_examples * config.public_labelled_pct / 100))
+
+
+def labelled_public(config: RunConfig) -> datasets.Dataset:
+    """The labelled share of the public slice: what the teacher is pre-trained and trained alone on."""
+    public = public_slice(config)
+    return public.select(range(labelled_count(config, len(public))))
 
 
 def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
@@ -178,6 +190,11 @@ def client_train_partition(config: RunConfig, partition_id: int, num_partitions:
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
     if (own := own_partition(config, partition_id, num_partitions, "train")) is not None:
+        if config.centralized_public:
+            raise DataError(
+                "run-config key 'centralized-public' = true: needs the whole train split, not "
+                "a node's exported partition"
+            )
         return own
     _, pool = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
     if len(pool) < num_partitions:
@@ -186,8 +203,15 @@ def client_train_partition(config: RunConfig, partition_id: int, num_partitions:
         pool = pool.shuffle(seed=config.seed).flatten_indices()
     partitioner = make_partitioner(config, num_partitions)
     partitioner.dataset = pool
-    partition = partitioner.load_partition(partition_id)
-    return _first(partition, config.max_train_examples_per_client)
+    partition = _first(partitioner.load_partition(partition_id), config.max_train_examples_per_client)
+    if config.centralized_public:
+        if num_partitions != 1:
+            raise DataError(
+                f"run-config key 'centralized-public' = true: for the centralized ceiling on one partition, "
+                f"not {num_partitions}"
+            )
+        partition = datasets.concatenate_datasets([labelled_public(config), partition])
+    return partition
 
 
 def eval_split(config: RunConfig) -> datasets.Dataset:
@@ -221,14 +245,20 @@ class TokenizedDataset(torch.utils.data.Dataset):
     """Pre-tokenised, unpadded examples; padding happens per batch in the collator."""
 
     def __init__(
-        self, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+        self,
+        dataset: datasets.Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        labelled: int | None = None,
     ) -> None:
+        """`labelled`: only the first that many examples keep their label; the rest get UNLABELLED."""
         encoded = tokenizer(list(dataset["sentence"]), truncation=True, max_length=max_length)
+        labels = list(dataset["label"])
+        if labelled is not None:
+            labels = labels[:labelled] + [UNLABELLED] * (len(labels) - labelled)
         self._features = [
             {"input_ids": ids, "attention_mask": mask, "labels": label}
-            for ids, mask, label in zip(
-                encoded["input_ids"], encoded["attention_mask"], list(dataset["label"]), strict=True
-            )
+            for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], labels, strict=True)
         ]
 
     def __len__(self) -> int:
@@ -276,11 +306,19 @@ def make_loader(
     )
 
 
-def loader_for(dataset: datasets.Dataset, config: RunConfig, shuffle_seed: int | None = None) -> DataLoader:
-    """Tokenise `dataset` with the run's tokenizer and batch it (training: a seed; see `make_loader`)."""
+def loader_for(
+    dataset: datasets.Dataset,
+    config: RunConfig,
+    shuffle_seed: int | None = None,
+    labelled: int | None = None,
+) -> DataLoader:
+    """Tokenise `dataset` with the run's tokenizer and batch it (training: a seed; see `make_loader`).
+
+    `labelled`: see `TokenizedDataset`.
+    """
     tokenizer = load_tokenizer(config.student_model)
     return make_loader(
-        TokenizedDataset(dataset, tokenizer, config.max_seq_length),
+        TokenizedDataset(dataset, tokenizer, config.max_seq_length, labelled),
         tokenizer,
         config.batch_size,
         shuffle_seed,

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
+from torch.utils.data import DataLoader
 
 from fedkdlora_app.config import RunConfig
-from fedkdlora_app.data import loader_for, public_slice
+from fedkdlora_app.data import labelled_count, labelled_public, loader_for, public_slice
 from fedkdlora_app.models import load_classifier, load_shipped_state, shipped_state
 from fedkdlora_app.progress import Progress, phase_progress
 from fedkdlora_app.protocol import TEACHER_ARRAYS_KEY, TEACHER_CONFIG_KEY
@@ -61,7 +62,18 @@ class ServerDistillation:
         self.pretrained_dir = pretrained_dir
         # The run's name: unique, and kept by a resumed run, whose pre-trained teacher is the same.
         self.teacher_id = recorder.name
-        self.public_loader = loader_for(public_slice(config), config, shuffle_seed=config.seed)
+        # Mutual distillation runs on the whole slice, labels beyond the labelled share hidden;
+        # the teacher alone trains on the labelled share (the same loader when it is all of it).
+        public = public_slice(config)
+        labelled = labelled_count(config, len(public))
+        self.public_loader = loader_for(
+            public, config, shuffle_seed=config.seed, labelled=labelled if labelled < len(public) else None
+        )
+        self.teacher_loader = (
+            self.public_loader
+            if labelled == len(public)
+            else loader_for(labelled_public(config), config, shuffle_seed=config.seed)
+        )
         # Clients distil from the pre-trained teacher, as it was before any round changed it.
         self.client_teacher_records = teacher_records(pretrained, self.teacher_id) if config.client_kd else {}
         # One worker: the teacher-alone phase runs there while the clients train. Torch
@@ -82,7 +94,7 @@ class ServerDistillation:
         self._undo = (
             {k: v.detach().clone() for k, v in self.teacher.state_dict().items()},
             torch.get_rng_state(),
-            self.public_loader.generator.get_state(),
+            self.teacher_loader.generator.get_state(),
         )
         self._teacher_phase = self._worker.submit(self._train_teacher_alone, server_round)
 
@@ -95,7 +107,7 @@ class ServerDistillation:
         teacher_state, torch_rng, public_rng = self._undo
         self.teacher.load_state_dict(teacher_state)
         torch.set_rng_state(torch_rng)
-        self.public_loader.generator.set_state(public_rng)
+        self.teacher_loader.generator.set_state(public_rng)
         log(INFO, "round %d: nothing aggregated, the overlapped teacher phase is undone", server_round)
 
     def after_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
@@ -122,6 +134,8 @@ class ServerDistillation:
             what=f"round {server_round}: mutual distillation",
             precision=config.precision,
             progress=self._progress(f"round {server_round}: mutual distillation", config.kd_epochs),
+            kd_loss=config.kd_loss,
+            signal=config.server_student_signal,
         )
         mutual_seconds = time.perf_counter() - mutual_started
         on_critical_path = time.perf_counter() - started
@@ -156,18 +170,28 @@ class ServerDistillation:
         config = self.config
         return train_epochs(
             self.teacher,
-            self.public_loader,
+            self.teacher_loader,
             config.distill_lr,
             config.teacher_epochs,
             self.device,
             linear_decay=True,
             what=f"round {server_round}: teacher training",
             precision=config.precision,
-            progress=self._progress(f"round {server_round}: teacher alone", config.teacher_epochs),
+            progress=self._progress(
+                f"round {server_round}: teacher alone", config.teacher_epochs, self.teacher_loader
+            ),
         )
 
-    def _progress(self, what: str, epochs: int) -> Progress | None:
-        return phase_progress(what, self.public_loader, epochs, self.config.progress_interval)
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        """The server step's data-order generators, for checkpoints."""
+        generators = {"public": self.public_loader.generator}
+        if self.teacher_loader is not self.public_loader:
+            generators["labelled-public"] = self.teacher_loader.generator
+        return generators
+
+    def _progress(self, what: str, epochs: int, loader: DataLoader | None = None) -> Progress | None:
+        return phase_progress(what, loader or self.public_loader, epochs, self.config.progress_interval)
 
 
 def teacher_records(teacher: torch.nn.Module, teacher_id: str) -> dict[str, ArrayRecord | ConfigRecord]:

@@ -40,6 +40,10 @@ ADDED_KEY_DEFAULTS = {
     "progress-interval": 0.0,
     "server-step-overlap": False,
     "length-grouped-batches": False,
+    "server-student-signal": "labels+teacher",
+    "kd-loss": "kl",
+    "public-labelled-pct": 100.0,
+    "centralized-public": False,
 }
 
 

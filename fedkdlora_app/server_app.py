@@ -14,7 +14,14 @@ from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.bookkeeping import payload_bytes, payload_params
 from fedkdlora_app.checkpoint import Checkpoint, capture_rng, restore_rng
 from fedkdlora_app.config import RunConfig, run_dir_of
-from fedkdlora_app.data import eval_split, load_split, loader_for, public_and_pool, public_slice
+from fedkdlora_app.data import (
+    eval_split,
+    labelled_count,
+    load_split,
+    loader_for,
+    public_and_pool,
+    public_slice,
+)
 from fedkdlora_app.devices import check_precision, pick_device
 from fedkdlora_app.distillation import ServerDistillation
 from fedkdlora_app.models import (
@@ -76,6 +83,7 @@ def run_federation(
         shipped_bytes_per_message=payload_bytes(initial_arrays),
         eval_examples=len(eval_loader.dataset),
         public_examples=len(public_slice(config)),  # as used, after max-public-examples
+        public_labelled_examples=labelled_count(config, len(public_slice(config))),
         client_pool_examples=len(client_pool),
         server_device=str(device),
     )
@@ -85,7 +93,7 @@ def run_federation(
     if config.uses_teacher:
         teacher_state = checkpoint.teacher_state if checkpoint else None
         distillation = ServerDistillation(config, student, device, recorder, teacher_state)
-    generators = {"public": distillation.public_loader.generator} if distillation else {}
+    generators = distillation.generators if distillation else {}
     offset = checkpoint.round if checkpoint else 0
     if checkpoint:
         restore_rng(checkpoint.rng, generators)

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import ConfigError, RunConfig
-from fedkdlora_app.data import eval_split, loader_for, public_slice
+from fedkdlora_app.data import eval_split, labelled_public, loader_for
 from fedkdlora_app.models import (
     EMBEDDED_MODEL_NAME,
     check_same_tokenizer,
@@ -32,10 +32,10 @@ TEACHER_INFO = "fedkdlora_teacher.json"
 
 
 def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """Fully fine-tune `teacher-base-model` on the public slice; (teacher, what it was trained on)."""
+    """Fully fine-tune `teacher-base-model` on the public slice's labelled share; (teacher, its record)."""
     check_same_tokenizer(config.student_model, config.teacher_base_model, "teacher-base-model")
     teacher = load_classifier(config.teacher_base_model, config.num_labels, attn_implementation="eager")
-    public = public_slice(config)
+    public = labelled_public(config)
     loader = loader_for(public, config, shuffle_seed=config.seed)
     epochs = config.teacher_pretrain_epochs
     result = train_epochs(
@@ -53,6 +53,7 @@ def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTraine
         "task": config.task,
         "base-model": config.teacher_base_model or EMBEDDED_MODEL_NAME,
         "teacher-data-pct": config.teacher_data_pct,
+        "public-labelled-pct": config.public_labelled_pct,
         "public-examples": len(public),
         "epochs": config.teacher_pretrain_epochs,
         "lr": config.teacher_lr,
@@ -69,7 +70,11 @@ def load_teacher(config: RunConfig) -> tuple[PreTrainedModel, dict[str, Any]]:
     check_same_tokenizer(config.student_model, config.teacher_model, "teacher-model")
     info_path = Path(config.teacher_model) / TEACHER_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    for key, expected in (("task", config.task), ("teacher-data-pct", config.teacher_data_pct)):
+    for key, expected in (
+        ("task", config.task),
+        ("teacher-data-pct", config.teacher_data_pct),
+        ("public-labelled-pct", config.public_labelled_pct),
+    ):
         if key in info and info[key] != expected:
             raise ConfigError(
                 f"run-config key 'teacher-model' = '{config.teacher_model}': pre-trained with {key} "

@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from fedkdlora_app.devices import autocast
-from fedkdlora_app.losses import client_kd_loss, mutual_kd_loss
+from fedkdlora_app.losses import MUTUAL_LOSSES, MutualKDTerms, client_kd_loss
 from fedkdlora_app.metrics import EvalCounts
 from fedkdlora_app.models import attention_kernel
 from fedkdlora_app.progress import Progress
@@ -132,12 +133,27 @@ def mutual_distill(
     what: str,
     precision: str = "float32",
     progress: Progress | None = None,
+    kd_loss: str = "kl",
+    signal: str = "labels+teacher",
 ) -> dict[str, float]:
     """Train teacher and student together on the mutual KD loss; the last step's terms.
 
     Only the student's trainable parameters (LoRA + head) move on its side, so what it
-    ships afterwards is the same PEFT state as under FedLoRA.
+    ships afterwards is the same PEFT state as under FedLoRA. `kd_loss` and `signal`
+    choose the loss (`losses.MUTUAL_LOSSES`) and what of it reaches the student.
     """
+    loss_fn = MUTUAL_LOSSES[kd_loss]
+
+    def step_loss(student_out: Any, teacher_out: Any, labels: torch.Tensor) -> MutualKDTerms:
+        return loss_fn(
+            student_out.logits,
+            teacher_out.logits,
+            labels,
+            student_out.attentions,
+            teacher_out.attentions,
+            signal=signal,
+        )
+
     student.to(device).train()
     teacher.to(device).train()
     optimizer, schedule = distill_optimizer(student, teacher, student_lr, teacher_lr, epochs * len(loader))
@@ -145,7 +161,7 @@ def mutual_distill(
     with attention_kernel(student, "eager"), attention_kernel(teacher, "eager"):  # the maps are distilled
         for _ in range(epochs):
             terms = _mutual_epoch(
-                student, teacher, loader, optimizer, schedule, device, what, precision, progress
+                student, teacher, loader, optimizer, schedule, device, what, precision, progress, step_loss
             )
     return terms
 
@@ -160,6 +176,7 @@ def _mutual_epoch(
     what: str,
     precision: str,
     progress: Progress | None,
+    step_loss: Callable[[Any, Any, torch.Tensor], MutualKDTerms],
 ) -> dict[str, float]:
     """One pass of `mutual_distill` over the loader; the last step's terms."""
     terms: dict[str, float] = {}
@@ -169,13 +186,7 @@ def _mutual_epoch(
         with autocast(device, precision):
             student_out = student(**inputs, output_attentions=True)
             teacher_out = teacher(**inputs, output_attentions=True)
-            step = mutual_kd_loss(
-                student_out.logits,
-                teacher_out.logits,
-                batch["labels"],
-                student_out.attentions,
-                teacher_out.attentions,
-            )
+            step = step_loss(student_out, teacher_out, batch["labels"])
         check_finite(step.loss, what)
         optimizer.zero_grad(set_to_none=True)
         step.loss.backward()

@@ -15,6 +15,7 @@ a score (see `report.py`).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from fedkdlora_app.config import SCHEMES, TASKS
+from fedkdlora_app.config import KD_LOSSES, SCHEMES, SERVER_STUDENT_SIGNALS, TASKS
+from fedkdlora_app.results import ADDED_KEY_DEFAULTS
 from fedkdlora_tools import launcher
 from fedkdlora_tools.report import RunResult, write_report
 
@@ -83,6 +85,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="LoRA variants to compare for the LoRA schemes (default naive)",
     )
     parser.add_argument(
+        "--signals",
+        nargs="+",
+        choices=SERVER_STUDENT_SIGNALS,
+        default=["labels+teacher"],
+        help="FedKDLoRA: what trains the student in the server step, one run each; 'labels' and 'teacher' "
+        "are the controls for the public labels and the teacher (default labels+teacher)",
+    )
+    parser.add_argument(
+        "--kd-losses",
+        nargs="+",
+        choices=KD_LOSSES,
+        default=["kl"],
+        help="FedKDLoRA labels+teacher: mutual-distillation losses, one run each (default kl)",
+    )
+    parser.add_argument(
         "--teacher-data-pct",
         nargs="+",
         type=float,
@@ -95,7 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--centralized",
         action="store_true",
-        help="add, per LoRA setting, the student trained on one SuperNode holding the whole client pool",
+        help="add, per LoRA setting, the two ceilings: the student on one SuperNode holding the whole client "
+        "pool, and holding the pool plus the labelled public slice",
     )
     parser.add_argument(
         "--target", type=float, help="score to reach (accuracy; MCC for CoLA): rounds and MB to it"
@@ -109,7 +127,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="extra simulation settings, e.g. 'client-resources-num-gpus=0.25'",
     )
-    parser.add_argument("--out", type=Path, help="output folder (default results/compare-<task>-<UTC time>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default results/compare-<task>-<UTC time>); runs already completed there "
+        "with the same settings are kept, not run again",
+    )
     parser.add_argument("--app", default=".", help="app directory (default .)")
     return parser.parse_args(argv)
 
@@ -123,8 +146,9 @@ def size_caps(args: argparse.Namespace) -> dict[str, Any]:
 def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run-config overrides of every run: schemes x ranks x public shares x LoRA variants x seeds.
 
-    FedAvg has no rank and no LoRA variant: it runs once per public share. With
-    `--centralized`, each LoRA setting also gets one centralized run (see `centralized`).
+    FedAvg has no rank and no LoRA variant: it runs once per public share. FedKDLoRA runs
+    once per `--signals` entry, and its labels+teacher once per `--kd-losses` entry. With
+    `--centralized`, each LoRA setting also gets its two ceilings (see `centralized`).
     """
     ranks = args.lora_r or (QUICK_RANKS if args.quick else FULL_RANKS)
     runs = []
@@ -138,31 +162,48 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     run |= LORA_VARIANTS[variant] if lora else {}
                     if variant == "svd-hetero":
                         run["lora-r-by-partition"] = f"{max(1, rank // 2)},{rank}"
-                    runs.append(run)
+                    runs += server_step_variants(args, run) if scheme == "fedkdlora" else [run]
                     if lora and (rank, variant) not in lora_settings:
                         lora_settings.append((rank, variant))
         if args.centralized:
-            runs += [centralized(args, pct, rank, variant) for rank, variant in lora_settings]
+            runs += [
+                centralized(args, pct, rank, variant, with_public)
+                for rank, variant in lora_settings
+                for with_public in (False, True)
+            ]
     if args.seeds:
         runs = [run | {"seed": seed} for seed in args.seeds for run in runs]
     return runs
 
 
-def centralized(args: argparse.Namespace, pct: float, rank: int, variant: str) -> dict[str, Any]:
-    """The ceiling of a LoRA setting: FedLoRA's student on ONE SuperNode holding the whole client pool.
+def server_step_variants(args: argparse.Namespace, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A FedKDLoRA run once per `--signals` entry; labels+teacher once per `--kd-losses` entry."""
+    variants = []
+    for signal in args.signals:
+        losses = args.kd_losses if signal == "labels+teacher" else ["kl"]
+        variants += [run | {"server-student-signal": signal, "kd-loss": loss} for loss in losses]
+    return variants
+
+
+def centralized(
+    args: argparse.Namespace, pct: float, rank: int, variant: str, with_public: bool = False
+) -> dict[str, Any]:
+    """A ceiling of a LoRA setting: FedLoRA's student on ONE SuperNode holding the whole client pool.
 
     Same student, rank, rates, local epochs, rounds, public share and evaluation; with one
     partition the node's partition is the whole pool. Under a per-client cap the node may
     hold clients x cap examples: the first of the pool, not the union of each client's
-    first (same count and pool). FedKDLoRA's ceiling is this run too: what it ships and
-    evaluates is the student alone, and its teacher is not a model the clients could train.
-    With one node there is nothing to give a second rank, so `svd-hetero` runs plain svd.
+    first (same count and pool). `with_public`: the node also holds the labelled public
+    slice, every label FedKDLoRA's server step trains its student on; the ceiling for a
+    scheme that sees those labels. With one node there is nothing to give a second rank,
+    so `svd-hetero` runs plain svd.
     """
     cap = per_client_cap(args)
     run = {"scheme": "fedlora", "lora-r": rank, "teacher-data-pct": pct} | LORA_VARIANTS[variant]
     return run | {
         "min-available-nodes": 1,
         "max-train-examples-per-client": cap * args.clients if cap > 0 else 0,
+        "centralized-public": with_public,
     }
 
 
@@ -193,6 +234,32 @@ def common_overrides(args: argparse.Namespace, results_dir: Path) -> dict[str, A
     return values | size_caps(args)
 
 
+def completed_run(runs_dir: Path, settings: dict[str, Any]) -> Path | None:
+    """A completed results JSON in `runs_dir` whose config has every one of `settings`."""
+    for path in sorted(runs_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        config = data.get("config", {})
+        if data.get("run", {}).get("status") == "completed" and all(
+            config.get(key, ADDED_KEY_DEFAULTS.get(key)) == value for key, value in settings.items()
+        ):
+            return path
+    return None
+
+
+CENTRALIZED_KEYS = ("min-available-nodes", "max-train-examples-per-client", "centralized-public")
+
+
+def run_settings(common: dict[str, Any], run: dict[str, Any], extra: str) -> dict[str, Any]:
+    """A run's overrides in the order `main` applies them (a centralized run's keys win); paths left out."""
+    values = common | run | (parse_config_args([extra]) if extra else {})
+    if is_centralized(run):
+        values |= {key: run[key] for key in CENTRALIZED_KEYS}
+    return {k: v for k, v in values.items() if k not in launcher.PATH_KEYS}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -203,12 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for index, run in enumerate(plan, start=1):
         print(f"fedkdlora-compare: run {index}/{len(plan)}: {launcher.format_overrides(run)}", flush=True)
+        if done := completed_run(runs_dir, run_settings(common, run, args.run_config)):
+            print(f"fedkdlora-compare: already completed in {done}, kept", flush=True)
+            continue
         overrides = [launcher.format_overrides(common | run)] + ([args.run_config] if args.run_config else [])
         nodes = args.clients
         if is_centralized(run):  # its node count and cap win over --run-config
             nodes = 1
-            keys = ("min-available-nodes", "max-train-examples-per-client")
-            overrides.append(launcher.format_overrides({k: run[k] for k in keys}))
+            overrides.append(launcher.format_overrides({k: run[k] for k in CENTRALIZED_KEYS}))
         federation = f"num-supernodes={nodes} {args.federation_config}".strip()
         argv_run = [args.app, "--federation-config", federation]
         for override in overrides:

@@ -28,7 +28,12 @@ SWEEP_LABELS = {
     "wire-dtype": "wire",
     "dp-noise-multiplier": "dp-noise",
     "lora-client-lr": "lr",
+    "server-student-signal": "signal",
+    "kd-loss": "loss",
+    "public-labelled-pct": "labelled",
 }
+# Keys only FedKDLoRA's server step reads: not part of another scheme's label or identity.
+SERVER_STEP_KEYS = ("server-student-signal", "kd-loss")
 
 
 @dataclass(frozen=True)
@@ -66,16 +71,31 @@ class RunResult:
         nodes = [len(r["communication"]["per_node"]) for r in self.data.get("rounds", [])]
         return max(nodes, default=0) == 1
 
+    def setting(self, key: str) -> Any:
+        """A run-config value; files written before the key existed get the behaviour they had."""
+        return self.config.get(key, ADDED_KEY_DEFAULTS.get(key))
+
+    def sweep_settings(self) -> dict[str, Any]:
+        """The sweep keys that apply to this run's scheme: what a reference run must share."""
+        scheme = self.config["scheme"]
+        return {
+            key: self.setting(key)
+            for key in SWEEP_LABELS
+            if not (scheme == "fedavg" and key.startswith("lora-"))
+            and not (scheme != "fedkdlora" and key in SERVER_STEP_KEYS)
+        }
+
     def label_parts(self, varying: set[str]) -> list[str]:
         """The scheme (or 'centralized (scheme)'), plus whichever sweep keys differ across runs."""
         scheme = self.config["scheme"]
-        parts = [f"centralized ({scheme})" if self.centralized else scheme]
+        ceiling = "centralized + public" if self.setting("centralized-public") else "centralized"
+        parts = [f"{ceiling} ({scheme})" if self.centralized else scheme]
         for key, short in SWEEP_LABELS.items():
-            value = self.config.get(key, ADDED_KEY_DEFAULTS.get(key))
-            if key not in varying or (scheme == "fedavg" and key.startswith("lora-")):
+            value = self.setting(key)
+            if key not in varying or key not in self.sweep_settings():
                 continue
-            if key == "teacher-data-pct":
-                parts.append(f"public={value:g}%")
+            if key in ("teacher-data-pct", "public-labelled-pct"):
+                parts.append(f"{short}={value:g}%")
             elif isinstance(value, bool):
                 parts.append(short if value else "")
             elif value not in ("", "naive", "float32", 0):
@@ -160,6 +180,10 @@ class RunGroup:
     def centralized(self) -> bool:
         return self.runs[0].centralized
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.runs[0].sweep_settings()
+
     def values(self, column: str) -> list[float]:
         return [run.summary()[column] for run in self.runs]
 
@@ -225,10 +249,15 @@ def markdown_table(runs: list[RunResult], target: float | None = None) -> str:
     header = ["run", "rounds"] + (["seeds"] if seeded else []) + columns
     if target is not None:
         header += [f"rounds to {metric_name} {target:g}", f"MB to {metric_name} {target:g}"]
+    # the references: FedLoRA, and FedKDLoRA's labels-only control (what the teacher adds beyond labels)
+    references = [("fedlora", "fedlora", None)]
+    if any(g.scheme == "fedkdlora" and g.settings["server-student-signal"] == "labels" for g in groups):
+        references.append(("labels", "fedkdlora", "labels"))
     if seeded:
-        header += [f"Δ final {metric_name} vs fedlora"] + (
-            ["Δ rounds to target vs fedlora"] if target else []
-        )
+        for name, _, _ in references:
+            header += [f"Δ final {metric_name} vs {name}"] + (
+                [f"Δ rounds to target vs {name}"] if target else []
+            )
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for group in groups:
         cells = [group.label, _rounds_cell(group)]
@@ -237,7 +266,11 @@ def markdown_table(runs: list[RunResult], target: float | None = None) -> str:
         if target is not None:
             cells += _target_cells(group, target)
         if seeded:
-            cells += _versus_fedlora(group, groups, target)
+            for _, scheme, signal in references:
+                # the labels control is a reference for FedKDLoRA's other server steps only
+                applies = signal is None or group.scheme == "fedkdlora"
+                reference = _reference(group, groups, scheme, signal) if applies else None
+                cells += _versus(group, reference, target)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -263,17 +296,23 @@ def _target_cells(group: RunGroup, target: float) -> list[str]:
     return [rounds + note, _cell("MB", [h[2] for h in hits]) + note]
 
 
-def _versus_fedlora(group: RunGroup, groups: list[RunGroup], target: float | None) -> list[str]:
-    """Δ mean to the federated FedLoRA group with the same settings, against the seed spread."""
-    suffix = group.label.split(" ", 2 if group.centralized else 1)[2 if group.centralized else 1 :]
-    reference = next(
-        (
-            g
-            for g in groups
-            if g.scheme == "fedlora" and not g.centralized and g.label.split(" ", 1)[1:] == suffix
-        ),
-        None,
-    )
+def _reference(group: RunGroup, groups: list[RunGroup], scheme: str, signal: str | None) -> RunGroup | None:
+    """The federated group of `scheme` (and server-step `signal`) with the same other settings."""
+    for candidate in groups:
+        if candidate.centralized or candidate.scheme != scheme:
+            continue
+        if signal is not None and (
+            candidate.settings["server-student-signal"] != signal or candidate.settings["kd-loss"] != "kl"
+        ):
+            continue
+        shared = (set(group.settings) & set(candidate.settings)) - set(SERVER_STEP_KEYS)
+        if all(group.settings[key] == candidate.settings[key] for key in shared):
+            return candidate
+    return None
+
+
+def _versus(group: RunGroup, reference: RunGroup | None, target: float | None) -> list[str]:
+    """Δ mean to `reference` (final score; with `target`, rounds to it), against the seed spread."""
     width = 2 if target is not None else 1
     if reference is None or reference is group:
         return ["-"] * width
@@ -431,7 +470,8 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _order(run: RunResult) -> tuple:
+def run_order(run: RunResult) -> tuple:
+    """Table and legend order: ceilings first, then by scheme, public share, rank, start time."""
     scheme = run.config["scheme"]
     return (
         not run.centralized,
@@ -445,7 +485,7 @@ def _order(run: RunResult) -> tuple:
 def write_report(runs: list[RunResult], out: Path, target: float | None = None) -> list[Path]:
     """`comparison.md` and the figures, per task when runs of several tasks are given."""
     out.mkdir(parents=True, exist_ok=True)
-    runs = sorted(runs, key=_order)
+    runs = sorted(runs, key=run_order)
     written = []
     for task in sorted({run.task for run in runs}):
         task_runs = [run for run in runs if run.task == task]

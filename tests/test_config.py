@@ -39,6 +39,18 @@ def test_shipped_defaults_are_valid() -> None:
         ({"client-lr": -0.1}, "'client-lr' = -0.1: must be > 0"),
         ({"num-server-rounds": 0}, "'num-server-rounds' = 0: must be >= 1"),
         ({"fraction-evaluate": 0.0}, "'fraction-evaluate' = 0.0: must be in (0, 1]"),
+        (
+            {"server-student-signal": "soft"},
+            "'server-student-signal' = 'soft': allowed: labels+teacher, labels",
+        ),
+        ({"kd-loss": "mse"}, "'kd-loss' = 'mse': allowed: kl, original"),
+        (
+            {"kd-loss": "original", "server-student-signal": "teacher"},
+            "'kd-loss' = 'original': reproduces the original loss as a whole",
+        ),
+        ({"public-labelled-pct": 0}, "'public-labelled-pct' = 0.0: must be in (0, 100]"),
+        ({"public-labelled-pct": 100.5}, "'public-labelled-pct' = 100.5"),
+        ({"centralized-public": True, "teacher-data-pct": 0}, "'centralized-public' = true: needs a public"),
     ],
 )
 def test_bad_values_name_the_key(overrides: dict, message: str) -> None:

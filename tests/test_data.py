@@ -15,12 +15,14 @@ from fedkdlora_app.data import (
     client_eval_shard,
     client_train_partition,
     eval_split,
+    labelled_public,
     load_split,
     loader_for,
     public_and_pool,
     public_slice,
     read_glue_tsv,
 )
+from fedkdlora_app.losses import UNLABELLED
 from fedkdlora_app.models import load_classifier
 from fedkdlora_app.training import evaluate
 from tests.helpers import GLUE_DIR, make_config
@@ -61,6 +63,23 @@ def test_public_slice_is_the_first_percent() -> None:
     assert len(public) == int(8551 * 0.2) == 1710
     assert public["idx"] == list(range(1710))
     assert pool["idx"] == list(range(1710, 8551))
+
+
+def test_the_labelled_share_is_the_public_slices_first_rows_and_the_rest_is_masked() -> None:
+    config = make_config(task="cola", **{"max-public-examples": 200, "public-labelled-pct": 10.0})
+    assert labelled_public(config)["idx"] == list(range(20))
+    loader = loader_for(public_slice(config), config, labelled=20)
+    labels = [loader.dataset[i]["labels"] for i in range(200)]
+    assert labels[:20] == public_slice(config)["label"][:20]
+    assert labels[20:] == [UNLABELLED] * 180
+
+
+def test_centralized_public_adds_the_labelled_public_slice_to_the_one_partition() -> None:
+    overrides = {"max-public-examples": 100, "public-labelled-pct": 50.0, "max-train-examples-per-client": 40}
+    config = make_config(task="cola", **{"centralized-public": True}, **overrides)
+    assert client_train_partition(config, 0, 1)["idx"] == list(range(50)) + list(range(1710, 1750))
+    with pytest.raises(DataError, match="'centralized-public' = true: for the centralized ceiling on one"):
+        client_train_partition(config, 0, 2)
 
 
 def _tsv_rows(path: Path) -> list[list[str]]:

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedkdlora_app.losses import attention_layer_map, attention_mse, client_kd_loss, mutual_kd_loss
+from fedkdlora_app.losses import (
+    UNLABELLED,
+    attention_layer_map,
+    attention_mse,
+    client_kd_loss,
+    kl,
+    labelled_cross_entropy,
+    mutual_kd_loss,
+    original_mutual_kd_loss,
+)
 from fedkdlora_app.models import ModelError
 
 STUDENT = np.array([[2.0, 0.0], [0.0, 1.0]])
@@ -159,3 +168,115 @@ def test_client_kd_loss_matches_hand_computation() -> None:
     alpha, t = 0.5, 2.0
     loss = client_kd_loss(torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(LABELS), alpha, t)
     assert float(loss) == pytest.approx(_ce(STUDENT) + alpha * t**2 * _kl(TEACHER, STUDENT, t))
+
+
+# --- what reaches the student in the server step (server-student-signal) ---------------------
+
+
+def _mutual_inputs(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random logits and (batch 3, heads 2, 4, 4) attention maps: 6 teacher layers, 3 student layers."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    student, teacher = leaf(3, 2), leaf(3, 2)
+    student_att = tuple(leaf(3, 2, 4, 4).softmax(-1) for _ in range(3))
+    teacher_att = tuple(leaf(3, 2, 4, 4).softmax(-1) for _ in range(6))
+    return student, teacher, student_att, teacher_att
+
+
+def _gradients(signal: str, labels: list[int], loss=mutual_kd_loss, seed: int = 0) -> dict[str, torch.Tensor]:
+    student, teacher, student_att, teacher_att = _mutual_inputs(seed)
+    step = loss(student, teacher, torch.tensor(labels), student_att, teacher_att, signal=signal)
+    leaves = [student, teacher, *student_att, *teacher_att]
+    grads = torch.autograd.grad(step.loss, leaves, allow_unused=True, materialize_grads=True)
+    return {
+        "student": grads[0],
+        "teacher": grads[1],
+        "student-att": torch.stack(grads[2:5]),
+        "teacher-att": torch.stack(grads[5:]),
+    }
+
+
+def test_labels_signal_trains_the_student_on_cross_entropy_alone_and_the_teacher_as_before() -> None:
+    labels = [0, 1, 1]
+    both, only_labels = _gradients("labels+teacher", labels), _gradients("labels", labels)
+    student, *_ = _mutual_inputs()
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(student, torch.tensor(labels)), student)[
+        0
+    ]
+    torch.testing.assert_close(only_labels["student"], expected)
+    assert float(only_labels["student-att"].abs().max()) == 0.0  # nothing of the teacher's maps
+    torch.testing.assert_close(only_labels["teacher"], both["teacher"])
+    torch.testing.assert_close(only_labels["teacher-att"], both["teacher-att"])
+
+
+def test_teacher_signal_gives_the_student_no_label_and_trains_the_teacher_as_before() -> None:
+    one, flipped = _gradients("teacher", [0, 1, 1]), _gradients("teacher", [1, 0, 0])
+    torch.testing.assert_close(one["student"], flipped["student"])
+    torch.testing.assert_close(one["student-att"], flipped["student-att"])
+    assert not torch.allclose(one["teacher"], flipped["teacher"])  # the teacher does see labels
+    both = _gradients("labels+teacher", [0, 1, 1])
+    torch.testing.assert_close(one["teacher"], both["teacher"])
+    torch.testing.assert_close(one["teacher-att"], both["teacher-att"])
+    # the student's part: KL(t||s) + attention MSE, unscaled
+    student, teacher, student_att, teacher_att = _mutual_inputs()
+    detached = tuple(t.detach() for t in teacher_att)
+    expected = kl(teacher.detach(), student) + attention_mse(student_att, detached)
+    torch.testing.assert_close(one["student"], torch.autograd.grad(expected, student)[0])
+
+
+def test_unlabelled_examples_add_no_cross_entropy() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [5.0, -5.0]])
+    masked = labelled_cross_entropy(logits, torch.tensor([0, 1, UNLABELLED]))
+    assert float(masked) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits[:2], torch.tensor([0, 1])))
+    )
+    assert float(labelled_cross_entropy(logits, torch.full((3,), UNLABELLED))) == 0.0
+
+
+# --- the original code's loss (kd-loss = "original") -------------------------------------------
+
+
+def _original_by_hand(student, teacher, labels, student_att, teacher_att) -> torch.Tensor:
+    """The original FedKDLoRA expressions written out: raw-logit 'KL' terms, summed MSE, normaliser kept."""
+    ce_s = -torch.log_softmax(student, -1)[torch.arange(len(labels)), labels].mean()
+    ce_t = -torch.log_softmax(teacher, -1)[torch.arange(len(labels)), labels].mean()
+    batch = student.shape[0]
+    # KLDivLoss(log_target=True)(input, target) = sum(exp(target) * (target - input)) / batch
+    student_term = (student.exp() * (student - teacher.detach())).sum() / batch
+    teacher_term = (teacher.exp() * (teacher - student.detach())).sum() / batch
+    mse = sum(((s - teacher_att[t]) ** 2).mean() for s, t in zip(student_att, (1, 3, 5), strict=True))
+    detached = ce_s.detach() + ce_t.detach() + 1
+    return ce_s + ce_t + mse / (ce_s + ce_t + 1) + student_term / detached + teacher_term / detached
+
+
+def test_original_loss_matches_the_original_expressions_in_value_and_gradient() -> None:
+    labels = torch.tensor([0, 1, 1])
+    student, teacher, student_att, teacher_att = _mutual_inputs(3)
+    leaves = [student, teacher, *student_att, *teacher_att]
+    ours = original_mutual_kd_loss(student, teacher, labels, student_att, teacher_att)
+    by_hand = _original_by_hand(student, teacher, labels, student_att, teacher_att)
+    torch.testing.assert_close(ours.loss, by_hand)
+
+    def grads(loss: torch.Tensor, **keep) -> tuple:
+        return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True, **keep)
+
+    for got, expected in zip(grads(ours.loss, retain_graph=True), grads(by_hand), strict=True):
+        torch.testing.assert_close(got, expected)
+    # it is not the project's loss: the KL terms and the attention scaling differ
+    assert (
+        abs(ours.loss.item() - mutual_kd_loss(student, teacher, labels, student_att, teacher_att).loss.item())
+        > 1e-3
+    )
+
+
+def test_original_student_term_pulls_each_logit_to_the_teachers_minus_one() -> None:
+    """Why the original's term is no KL: its gradient vanishes at s = t - 1, not at s = t."""
+    teacher = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    raw = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)
+    for offset, vanishes in ((-1.0, True), (0.0, False)):
+        student = (teacher + offset).requires_grad_()
+        (grad,) = torch.autograd.grad(raw(teacher, student), student)
+        assert bool(torch.allclose(grad, torch.zeros_like(grad))) is vanishes

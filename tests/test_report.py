@@ -60,7 +60,8 @@ def quick_compare(out: Path, *options: str) -> int:
         [
             "--app", str(REPO), "--schemes", "fedlora", "--rounds", "1", "--clients", "2",
             "--data-dir", str(GLUE_DIR), "--out", str(out),
-            "--run-config", "max-train-examples-per-client=16 max-eval-examples=32 batch-size=16",
+            "--run-config",
+            "max-train-examples-per-client=16 max-eval-examples=32 batch-size=16 max-public-examples=24",
             *options,
         ]
     )  # fmt: skip
@@ -275,8 +276,9 @@ def test_compare_plans_seeds_and_one_centralized_run_per_lora_setting() -> None:
     )
     plan = compare.planned_runs(args)
     central = [r for r in plan if compare.is_centralized(r)]
-    # per seed: fedavg, fedlora x 2 variants, fedkdlora x 2 variants, 2 centralized (one per variant)
-    assert len(plan) == 2 * 7 and len(central) == 2 * 2
+    # per seed: fedavg, fedlora x 2 variants, fedkdlora x 2 variants, 4 centralized (two per variant)
+    assert len(plan) == 2 * 9 and len(central) == 2 * 4
+    assert sorted(r["centralized-public"] for r in central) == [False] * 4 + [True] * 4
     assert {r["seed"] for r in plan} == {42, 43}
     assert all(r["scheme"] == "fedlora" and r["max-train-examples-per-client"] == 4 * 300 for r in central)
     assert {r.get("wire-dtype", "float32") for r in central} == {"float32", "float16"}
@@ -293,11 +295,7 @@ def test_compare_plans_seeds_and_one_centralized_run_per_lora_setting() -> None:
     )
     assert [
         r["max-train-examples-per-client"] for r in compare.planned_runs(capped) if compare.is_centralized(r)
-    ] == [
-        30,
-        30,
-        30,
-    ]
+    ] == [30] * 6
     only_fedavg = compare.parse_args(["--task", "sst2", "--centralized", "--schemes", "fedavg"])
     assert not any(compare.is_centralized(r) for r in compare.planned_runs(only_fedavg))
 
@@ -311,19 +309,75 @@ def test_medium_keeps_the_whole_public_slice_and_caps_clients(tmp_path) -> None:
         compare.parse_args(["--task", "cola", "--medium", "--quick"])
 
 
-def test_compare_centralized_runs_one_node_holding_the_pool(tmp_path) -> None:
-    """The one short simulation for the new options: FedLoRA on 2 nodes and its centralized ceiling."""
+def test_compare_centralized_runs_one_node_holding_the_pool_with_and_without_public(tmp_path, capsys) -> None:
+    """The one short simulation for the ceilings: FedLoRA on 2 nodes; the pool, then pool + public, on one."""
     out = tmp_path / "cmp"
-    code = quick_compare(out, "--task", "sst2", "--lora-r", "8", "--centralized", "--target", "0.5")
-    assert code == 0
+    options = ("--task", "sst2", "--lora-r", "8", "--centralized", "--target", "0.5")
+    assert quick_compare(out, *options) == 0
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    central = [r for r in runs if r["config"]["min-available-nodes"] == 1]
+    central = {r["config"]["centralized-public"]: r for r in runs if r["config"]["min-available-nodes"] == 1}
     federated = [r for r in runs if r["config"]["min-available-nodes"] == 2]
-    assert len(central) == len(federated) == 1
-    assert central[0]["config"]["max-train-examples-per-client"] == 32  # 2 clients x 16
-    assert len(central[0]["rounds"][1]["communication"]["per_node"]) == 1
-    assert central[0]["rounds"][1]["clients"]["train"]["num-examples"] == 32
+    assert len(federated) == 1 and set(central) == {False, True}
+    for run in central.values():
+        assert run["config"]["max-train-examples-per-client"] == 32  # 2 clients x 16
+        assert len(run["rounds"][1]["communication"]["per_node"]) == 1
+    assert central[False]["rounds"][1]["clients"]["train"]["num-examples"] == 32
+    assert central[True]["rounds"][1]["clients"]["train"]["num-examples"] == 32 + 24  # + the public slice
     assert federated[0]["rounds"][1]["clients"]["train"]["num-examples"] == 32  # 2 x 16: the same pool size
     table = (out / "comparison.md").read_text()
     assert "| centralized (fedlora) | 1 |" in table and "| fedlora | 1 |" in table
+    assert "| centralized + public (fedlora) | 1 |" in table
     assert "rounds to acc 0.5" in table
+
+    # the same command again: every run is already there, none runs again
+    capsys.readouterr()
+    assert quick_compare(out, *options) == 0
+    assert capsys.readouterr().out.count("already completed") == 3
+    assert len(list((out / "runs").glob("*.json"))) == 3
+
+
+def test_compare_plans_each_server_step_signal_and_the_original_loss_for_fedkdlora_only() -> None:
+    args = compare.parse_args(
+        ["--task", "sst2", "--quick", "--signals", "labels", "teacher", "labels+teacher",
+         "--kd-losses", "kl", "original"]
+    )  # fmt: skip
+    plan = compare.planned_runs(args)
+    kd = [(r["server-student-signal"], r["kd-loss"]) for r in plan if r["scheme"] == "fedkdlora"]
+    assert kd == [
+        ("labels", "kl"),
+        ("teacher", "kl"),
+        ("labels+teacher", "kl"),
+        ("labels+teacher", "original"),
+    ]
+    assert all("server-student-signal" not in r for r in plan if r["scheme"] != "fedkdlora")
+
+
+def test_the_teachers_contribution_is_measured_against_the_labels_control(tmp_path) -> None:
+    """Δ vs labels: FedKDLoRA against the same settings where only the public labels reach the student."""
+    fedlora = [_results("fedlora", [0.5, 0.6, 0.70 + s / 100], seed=s) for s in (1, 2, 3)]
+    labels = [
+        _results("fedkdlora", [0.5, 0.7, 0.75 + s / 100], seed=s, **{"server-student-signal": "labels"})
+        for s in (1, 2, 3)
+    ]
+    both = [_results("fedkdlora", [0.5, 0.7, 0.755 + s / 100], seed=s) for s in (1, 2, 3)]
+    runs = _load(tmp_path, fedlora + labels + both)
+    table = report.markdown_table(runs, target=0.7)
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert header[-4:] == [
+        "Δ final acc vs fedlora",
+        "Δ rounds to target vs fedlora",
+        "Δ final acc vs labels",
+        "Δ rounds to target vs labels",
+    ]
+    assert _row(table, "fedkdlora signal=labels")[-4:] == [
+        "+0.0500 (exceeds seed spread)",
+        "-1.0 (exceeds seed spread)",
+        "-",
+        "-",
+    ]
+    assert _row(table, "fedkdlora signal=labels+teacher")[-2:] == [
+        "+0.0050 (within seed spread)",
+        "+0.0 (within seed spread)",
+    ]
+    assert _row(table, "fedlora")[-2:] == ["-", "-"]  # FedLoRA has no server step to compare
+    assert [run.label(report.varying_keys(runs)) for run in runs[:1]] == ["fedlora"]

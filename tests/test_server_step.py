@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from fedkdlora_app import progress as progress_module
 from fedkdlora_app.distillation import ServerDistillation
+from fedkdlora_app.losses import UNLABELLED
 from fedkdlora_app.models import build_student, shipped_state
 from fedkdlora_app.progress import Progress
 from fedkdlora_app.results import RunRecorder
@@ -18,13 +20,14 @@ from tests.helpers import make_config
 TINY = {"max-public-examples": 16, "batch-size": 8, "max-eval-examples": 16, "teacher-pretrain-epochs": 1}
 
 
-def _server_step(tmp_path, overlap: bool, rounds: list[bool]) -> tuple[list, dict, dict]:
+def _server_step(tmp_path, overlap: bool, rounds: list[bool], **overrides) -> tuple[list, dict, dict]:
     """Rounds of the server step as the strategy drives it; each entry of `rounds`: aggregated or not."""
     config = make_config(
         scheme="fedkdlora",
         task="sst2",
         **TINY,
         **{"server-step-overlap": overlap, "results-dir": str(tmp_path)},
+        **overrides,
     )
     seed_everything(config.seed)
     student = build_student(config, attn_implementation="eager")
@@ -42,17 +45,38 @@ def _server_step(tmp_path, overlap: bool, rounds: list[bool]) -> tuple[list, dic
     return list(from_wire(arrays, config.wire_dtype).values()), teacher, terms
 
 
-def test_overlapping_the_teacher_phase_gives_the_sequential_result_bit_for_bit(tmp_path) -> None:
+# A server whose public slice is half unlabelled, the student taught by the teacher alone: the
+# teacher trains alone on the labelled half, from its own loader, which the undo must restore too.
+HALF_LABELLED = {"public-labelled-pct": 50.0, "server-student-signal": "teacher"}
+
+
+@pytest.mark.parametrize("overrides", [{}, HALF_LABELLED], ids=["all-labelled", "half-labelled"])
+def test_overlapping_the_teacher_phase_gives_the_sequential_result_bit_for_bit(tmp_path, overrides) -> None:
     """Round 1 aggregates nothing: the overlapped teacher phase must be undone, as if never run."""
     rounds = [False, True]
-    seq_student, seq_teacher, seq_terms = _server_step(tmp_path / "seq", overlap=False, rounds=rounds)
-    ovl_student, ovl_teacher, ovl_terms = _server_step(tmp_path / "ovl", overlap=True, rounds=rounds)
+    seq_student, seq_teacher, seq_terms = _server_step(tmp_path / "seq", False, rounds, **overrides)
+    ovl_student, ovl_teacher, ovl_terms = _server_step(tmp_path / "ovl", True, rounds, **overrides)
     assert all(torch.equal(a, b) for a, b in zip(seq_student, ovl_student, strict=True))
     assert all(torch.equal(seq_teacher[k], ovl_teacher[k]) for k in seq_teacher)
     assert seq_terms[1] is None and ovl_terms[1] is None  # no server step without an aggregate
     assert seq_terms[2]["last-step"] == ovl_terms[2]["last-step"]
     assert seq_terms[2]["teacher-train-loss"] == ovl_terms[2]["teacher-train-loss"]
     assert (seq_terms[2]["overlapped"], ovl_terms[2]["overlapped"]) == (False, True)
+
+
+def test_a_half_labelled_public_slice_trains_the_teacher_on_the_labelled_half(tmp_path) -> None:
+    config = make_config(
+        scheme="fedkdlora", task="sst2", **TINY, **HALF_LABELLED, **{"results-dir": str(tmp_path)}
+    )
+    recorder = RunRecorder(config)
+    distillation = ServerDistillation(config, build_student(config), torch.device("cpu"), recorder)
+    assert recorder.data["teacher"]["public-examples"] == 8
+    assert recorder.data["teacher"]["public-labelled-pct"] == 50.0
+    assert len(distillation.teacher_loader.dataset) == 8
+    labels = [distillation.public_loader.dataset[i]["labels"] for i in range(16)]
+    assert labels[:8] == [distillation.teacher_loader.dataset[i]["labels"] for i in range(8)]
+    assert labels[8:] == [UNLABELLED] * 8
+    assert set(distillation.generators) == {"public", "labelled-public"}
 
 
 def test_progress_lines_say_examples_rate_and_time_left(caplog, monkeypatch) -> None:
