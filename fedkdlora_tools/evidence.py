@@ -47,13 +47,14 @@ class Study:
     def table(self) -> str:
         """The comparison table and, under it, where its rows come from."""
         runs = self.runs()
+        folder = self.folder.relative_to(REPO) if self.folder.is_relative_to(REPO) else self.folder
         if not runs:
-            return f"(no results in {self.folder.relative_to(REPO)}/runs yet)\n"
+            return f"(no results in {folder}/runs yet)\n"
         source = (
-            f"\n{len(runs)} runs; raw results: `{self.folder.relative_to(REPO)}/runs/`. "
+            f"\n{len(runs)} runs; raw results: `{folder}/runs/`. "
             f"Command (code {self.code}, {self.machine}):\n\n    {self.command}\n"
         )
-        return markdown_table(sorted(runs, key=run_order), self.target) + source
+        return markdown_table(sorted(runs, key=run_order), self.target, seconds=False) + source
 
 
 def render(document: str, evidence_dir: Path) -> str:

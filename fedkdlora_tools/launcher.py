@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="e.g. 'num-supernodes=4 client-resources-num-cpus=1 client-resources-num-gpus=0.25'",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="after a completed run: draw its plots beside it and print where the results JSON, the plots "
+        "and the saved model are, with the lines that load it",
     )
     parser.add_argument(
         "--flwr-home",
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides_file = flwr_home / "run-config.toml"
     overrides_file.write_text(tomli_w.dumps(run_config))
     command = ["flwr", "run", str(app_dir), "--stream", "--run-config", str(overrides_file)]
+    started = time.time()
     for federation_config in args.federation_config:
         command += ["--federation-config", federation_config]
     try:
@@ -116,7 +124,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedkdlora-run: run did not complete (status {status}): {details}", file=sys.stderr)
         return 1
     print(f"fedkdlora-run: run completed; results in {run_config['results-dir']}")
+    if args.report:
+        newest = newest_results(Path(run_config["results-dir"]), started)
+        if newest is not None:
+            print_run_summary(newest)
     return 0
+
+
+def newest_results(results_dir: Path, since: float) -> Path | None:
+    """The results JSON written last in `results_dir`, if written after `since` (a time.time())."""
+    written = [p for p in results_dir.glob("*.json") if p.stat().st_mtime >= since]
+    return max(written, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def print_run_summary(results_path: Path) -> None:
+    """Draw the run's plots into `<run>/plots` and print where everything is and how to load the model."""
+    from fedkdlora_tools.report import RunResult, write_report
+
+    run = RunResult.load(results_path)
+    plots = write_report([run], results_path.with_suffix("") / "plots")
+    artifacts = run.data["artifacts"]
+    print(f"results JSON: {results_path}")
+    print("plots:        " + "\n              ".join(str(p) for p in plots if p.suffix == ".png"))
+    print(f"model:        {artifacts['student']}")
+    print("load it:")
+    if "student_base" in artifacts:  # a PEFT adapter over the saved base student
+        print("    from peft import PeftModel")
+        print("    from transformers import AutoModelForSequenceClassification")
+        print(
+            f"    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("
+            f"{artifacts['student_base']!r}), {artifacts['student']!r})"
+        )
+    else:
+        print("    from transformers import AutoModelForSequenceClassification")
+        print(f"    model = AutoModelForSequenceClassification.from_pretrained({artifacts['student']!r})")
 
 
 if __name__ == "__main__":

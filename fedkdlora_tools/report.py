@@ -222,13 +222,14 @@ def varying_keys(runs: list[RunResult]) -> set[str]:
     }
 
 
-def markdown_table(runs: list[RunResult], target: float | None = None) -> str:
+def markdown_table(runs: list[RunResult], target: float | None = None, seconds: bool = True) -> str:
     """One row per configuration: a value, or mean ± std over its seeds.
 
     Rounds are counted so runs of different length are not mistaken as equal. With
     `target`, the first round whose score reaches it and the MB up + down by then. With
     several seeds, each scheme's difference to FedLoRA at the same settings, labelled
     "within seed spread" when |Δ mean| <= the larger of the two standard deviations.
+    `seconds=False` leaves wall time out (runs that shared their cores measure no cost).
     """
     groups = group_runs(runs)
     columns = list(groups[0].runs[0].summary()) if groups else []
@@ -244,6 +245,8 @@ def markdown_table(runs: list[RunResult], target: float | None = None) -> str:
             "MB down",
             "seconds",
         ]
+    if not seconds:
+        columns = [c for c in columns if c != "seconds"]
     seeded = any(len(g.runs) > 1 for g in groups)
     metric_name = "MCC" if target_metric(task) == "mcc" else "acc"
     header = ["run", "rounds"] + (["seeds"] if seeded else []) + columns

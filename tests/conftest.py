@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 
-from tests.helpers import GLUE_DIR
+# The user's home is never read or written: every cache, Hugging Face and Flower folder of this
+# process and of every process it starts (Flower, Ray, SuperNodes) lies in a temporary home.
+_HOME = Path(tempfile.mkdtemp(prefix="fedkdlora-test-home-"))
+for _name, _path in {
+    "HOME": _HOME,
+    "XDG_CACHE_HOME": _HOME / ".cache",
+    "HF_HOME": _HOME / ".cache" / "huggingface",
+    "FLWR_HOME": _HOME / ".flwr",
+    "MPLCONFIGDIR": _HOME / ".config" / "matplotlib",
+}.items():
+    os.environ[_name] = str(_path)
+os.environ.pop("HF_DATASETS_CACHE", None)
+os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
+os.environ.pop("HF_HUB_CACHE", None)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def glue_copy_present() -> None:
-    if not (GLUE_DIR / "cola" / "train.tsv").is_file():
-        pytest.fail(f"tests need the GLUE copy at {GLUE_DIR} (see README)", pytrace=False)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow: deployments and multi-node runs; `make test` leaves them out, `make test-full` runs them",
+    )
+
+
+@pytest.fixture(scope="session")
+def test_home() -> Path:
+    """The temporary home every test process uses (see above)."""
+    return _HOME
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Helpers the test files share: the real GLUE copy, configs, hand-built replies, simulations.
+"""Helpers the test files share: the GLUE fixture and full copy, configs, hand-built replies, simulations.
 
 Fixtures live in conftest.py; everything a test imports by name lives here, so that no
 test file imports from another.
@@ -7,16 +7,25 @@ test file imports from another.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkdlora_app.config import RunConfig, app_defaults
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+# The fixture every test reads unless it is about the full files (tests/data/glue/SOURCES.md).
+GLUE_DIR = REPO / "tests" / "data" / "glue"
+# The full GLUE copy: $FEDKDLORA_GLUE_DIR, else ../shared/data/glue beside the repository.
+FULL_GLUE_DIR = Path(os.environ.get("FEDKDLORA_GLUE_DIR") or REPO.parent / "shared" / "data" / "glue")
+needs_full_glue = pytest.mark.skipif(
+    not (FULL_GLUE_DIR / "cola" / "train.tsv").is_file(),
+    reason=f"needs the full GLUE copy: none at {FULL_GLUE_DIR} (set FEDKDLORA_GLUE_DIR)",
+)
 
 ROUNDS = 2
 # A short run: the settings the simulation tests share.
@@ -36,9 +45,20 @@ def default_run_config() -> dict[str, Any]:
 
 
 def make_config(**overrides: Any) -> RunConfig:
-    """Defaults with kebab-case overrides, reading the real GLUE copy."""
+    """Defaults with kebab-case overrides, reading the GLUE fixture."""
     values = {**default_run_config(), "data-dir": str(GLUE_DIR), "progress-interval": 0.0, **overrides}
     return RunConfig.from_mapping(values)
+
+
+def model_message_bytes(**overrides: Any) -> int:
+    """Bytes of one model message (train reply or instruction) under `overrides`, from a student built
+    here: the figure a run's byte counts must match, computed apart from the run's own record."""
+    from fedkdlora_app.bookkeeping import payload_bytes
+    from fedkdlora_app.models import build_student, shipped_state
+    from fedkdlora_app.wire import to_wire
+
+    config = make_config(**overrides)
+    return payload_bytes(to_wire(shipped_state(build_student(config), config), config.wire_dtype))
 
 
 def train_reply(node_id: int, arrays: ArrayRecord | list[np.ndarray], num_examples: int) -> Message:

@@ -15,6 +15,7 @@ A user with a network runs `data-dir = ""` and hub model ids once; after that, w
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from datasets.data_files import DataFilesDict
 from datasets.load import configure_builder_class
 from datasets.packaged_modules.parquet.parquet import Parquet, ParquetConfig
 
-from fedkdlora_app.data import HUB_DATASET, read_glue_tsv
+from fedkdlora_app.data import HUB_DATASET
 
 # Made-up commit ids: offline, a cache is keyed by whatever commit refs/main names.
 DATASET_COMMIT = "bcdcba79d07bc864c1c254ccfcedcce55bcc9a8c"
@@ -59,16 +60,36 @@ def _repo_folder(hub_cache: Path, repo_type: str, repo_id: str, commit: str) -> 
     return snapshot
 
 
+def glue_rows(path: Path, task: str) -> dict[str, list]:
+    """A GLUE release TSV parsed with the csv module alone, not the app's reader.
+
+    CoLA: no header; source, label, original-label note, sentence. SST-2: a header, then
+    sentence and label. Quotes are text (QUOTE_NONE), as in the release files.
+    """
+    with path.open(newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if task == "cola":
+        pairs = [(row[3], int(row[1])) for row in rows]
+    else:
+        pairs = [(row[0], int(row[1])) for row in rows[1:]]
+    return {
+        "sentence": [sentence for sentence, _ in pairs],
+        "label": [label for _, label in pairs],
+        "idx": list(range(len(pairs))),
+    }
+
+
 def write_glue_snapshot(hub_cache: Path, glue_dir: Path, task: str) -> Path:
     """nyu-mll/glue's `<task>/{train,validation}-00000-of-00001.parquet` made from the TSVs.
 
-    The test split is left out: GLUE's test labels are hidden and we have no test TSV;
-    the app never reads it.
+    The rows are parsed apart from the app (`glue_rows`), so a test comparing the app's
+    TSV reader with the hub path compares two independent reads. The test split is left
+    out: GLUE's test labels are hidden and there is no test TSV; the app never reads it.
     """
     snapshot = _repo_folder(hub_cache, "dataset", HUB_DATASET, DATASET_COMMIT)
     (snapshot / task).mkdir(exist_ok=True)
     for hub_split, tsv_split in TSV_SPLITS.items():
-        rows = read_glue_tsv(glue_dir / task / f"{tsv_split}.tsv", task).to_dict()
+        rows = glue_rows(glue_dir / task / f"{tsv_split}.tsv", task)
         table = datasets.Dataset.from_dict(rows, features=hub_features(task))
         table.to_parquet(str(snapshot / task / f"{hub_split}-00000-of-00001.parquet"))
     return snapshot

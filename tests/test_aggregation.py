@@ -44,15 +44,21 @@ class EchoGrid:
     What each node received is kept, so a test can see what became the next global model.
     """
 
-    def __init__(self, nodes: list[int]) -> None:
+    def __init__(self, nodes: list[int], nan_train_rounds: tuple[int, ...] = ()) -> None:
+        """`nan_train_rounds`: the train rounds (1, 2, ...) in which every node answers NaN arrays."""
         self.nodes = nodes
         self.received: list[tuple[str, int, list[np.ndarray]]] = []
+        self.nan_train_rounds = nan_train_rounds
+        self.train_rounds = 0
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
 
     def send_and_receive(self, messages, timeout=None) -> list[Message]:
         replies = []
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            self.train_rounds += 1
         for index, message in enumerate(messages):
             node = message.metadata.dst_node_id
             message.metadata.__dict__["_message_id"] = f"{message.metadata.message_type}-{node}-{index}"
@@ -60,9 +66,12 @@ class EchoGrid:
             self.received.append((message.metadata.message_type, node, arrays))
             TaskIdentity.node_id = node
             if message.metadata.message_type == "train":
+                update = [
+                    a * np.nan if self.train_rounds in self.nan_train_rounds else a + node for a in arrays
+                ]
                 content = RecordDict(
                     {
-                        "arrays": ArrayRecord([a + node for a in arrays]),
+                        "arrays": ArrayRecord(update),
                         "metrics": MetricRecord(
                             {"num-examples": 10, "train-loss": 0.5, "train-seconds": 1.0}
                         ),
@@ -191,11 +200,20 @@ def test_bad_updates_are_dropped_and_recorded(recorder, bad_arrays, num_examples
 
 
 def test_a_round_with_only_bad_updates_keeps_the_global_model(recorder) -> None:
-    strategy = TrackedFedAvg(recorder, max_examples_per_update=100)
-    _sent(strategy, GLOBAL)
-    nan = [np.full(2, np.nan, dtype=np.float32), np.zeros((1, 1), dtype=np.float32)]
-    arrays, metrics = strategy.aggregate_train(1, [train_reply(1, nan, 5)])
-    assert arrays is None and metrics is None  # Strategy.start then keeps the previous arrays
+    """Through Flower's `Strategy.start`: round 1's NaN updates are dropped; round 2 trains from the start."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    strategy = TrackedFedAvg(recorder, max_examples_per_update=100, min_available_nodes=2)
+    grid = EchoGrid([1, 2], nan_train_rounds=(1,))
+    start = np.array([3.0, 4.0], dtype=np.float32)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord([start]), num_rounds=2)
+    train = [arrays[0] for kind, _, arrays in grid.received if kind == "train"]
+    np.testing.assert_array_equal(np.stack(train), [start] * 4)  # round 2 got round 1's global model
+    np.testing.assert_array_equal(result.arrays["0"].numpy(), start + 1.5)  # mean(+1, +2) in round 2
+    assert recorder.round(1)["aggregated_updates"] == 0
+    assert [f["reason"].startswith("rejected update: ") for f in recorder.round(1)["failures"]] == [
+        True,
+        True,
+    ]
 
 
 def test_one_time_records_go_to_new_nodes_only(recorder: RunRecorder) -> None:

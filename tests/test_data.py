@@ -25,20 +25,25 @@ from fedkdlora_app.data import (
 from fedkdlora_app.losses import UNLABELLED
 from fedkdlora_app.models import load_classifier
 from fedkdlora_app.training import evaluate
-from tests.helpers import GLUE_DIR, make_config
+from tests.helpers import FULL_GLUE_DIR, GLUE_DIR, make_config, needs_full_glue
 
 
 @pytest.mark.parametrize(
-    ("task", "split", "rows", "positives"),
+    ("folder", "task", "split", "rows", "positives"),
     [
-        ("cola", "train", 8551, 6023),
-        ("cola", "dev", 1043, 721),
-        ("sst2", "train", 67349, 37569),
-        ("sst2", "dev", 872, 444),
+        pytest.param(FULL_GLUE_DIR, "cola", "train", 8551, 6023, marks=needs_full_glue),
+        pytest.param(FULL_GLUE_DIR, "cola", "dev", 1043, 721, marks=needs_full_glue),
+        pytest.param(FULL_GLUE_DIR, "sst2", "train", 67349, 37569, marks=needs_full_glue),
+        pytest.param(FULL_GLUE_DIR, "sst2", "dev", 872, 444, marks=needs_full_glue),
+        # the fixture's counts, from tests/data/glue/SOURCES.md
+        (GLUE_DIR, "cola", "train", 502, 331),
+        (GLUE_DIR, "cola", "dev", 200, 130),
+        (GLUE_DIR, "sst2", "train", 500, 259),
+        (GLUE_DIR, "sst2", "dev", 200, 99),
     ],
 )
-def test_glue_tsv_row_counts_and_labels(task: str, split: str, rows: int, positives: int) -> None:
-    dataset = read_glue_tsv(GLUE_DIR / task / f"{split}.tsv", task)
+def test_glue_tsv_row_counts_and_labels(folder, task: str, split: str, rows: int, positives: int) -> None:
+    dataset = read_glue_tsv(folder / task / f"{split}.tsv", task)
     assert len(dataset) == rows
     assert sum(dataset["label"]) == positives
     assert set(dataset["label"]) == {0, 1}
@@ -57,27 +62,35 @@ def test_missing_file_is_named() -> None:
         read_glue_tsv(GLUE_DIR / "cola" / "nope.tsv", "cola")
 
 
-def test_public_slice_is_the_first_percent() -> None:
-    train = load_split(make_config(task="cola"), "train")
+# The fixture's CoLA train split: 502 rows, so a 20 % public slice of 100 and a pool of 402.
+ROWS, PUBLIC = 502, 100
+
+
+@pytest.mark.parametrize(
+    ("folder", "rows", "public_rows"),
+    [(GLUE_DIR, ROWS, PUBLIC), pytest.param(FULL_GLUE_DIR, 8551, 1710, marks=needs_full_glue)],
+)
+def test_public_slice_is_the_first_percent(folder, rows: int, public_rows: int) -> None:
+    train = load_split(make_config(task="cola", **{"data-dir": str(folder)}), "train")
     public, pool = public_and_pool(train, 20.0)
-    assert len(public) == int(8551 * 0.2) == 1710
-    assert public["idx"] == list(range(1710))
-    assert pool["idx"] == list(range(1710, 8551))
+    assert len(public) == int(rows * 0.2) == public_rows
+    assert public["idx"] == list(range(public_rows))
+    assert pool["idx"] == list(range(public_rows, rows))
 
 
 def test_the_labelled_share_is_the_public_slices_first_rows_and_the_rest_is_masked() -> None:
-    config = make_config(task="cola", **{"max-public-examples": 200, "public-labelled-pct": 10.0})
-    assert labelled_public(config)["idx"] == list(range(20))
-    loader = loader_for(public_slice(config), config, labelled=20)
-    labels = [loader.dataset[i]["labels"] for i in range(200)]
-    assert labels[:20] == public_slice(config)["label"][:20]
-    assert labels[20:] == [UNLABELLED] * 180
+    config = make_config(task="cola", **{"public-labelled-pct": 10.0})
+    assert labelled_public(config)["idx"] == list(range(10))
+    loader = loader_for(public_slice(config), config, labelled=10)
+    labels = [loader.dataset[i]["labels"] for i in range(PUBLIC)]
+    assert labels[:10] == public_slice(config)["label"][:10]
+    assert labels[10:] == [UNLABELLED] * (PUBLIC - 10)
 
 
 def test_centralized_public_adds_the_labelled_public_slice_to_the_one_partition() -> None:
-    overrides = {"max-public-examples": 100, "public-labelled-pct": 50.0, "max-train-examples-per-client": 40}
+    overrides = {"max-public-examples": 60, "public-labelled-pct": 50.0, "max-train-examples-per-client": 40}
     config = make_config(task="cola", **{"centralized-public": True}, **overrides)
-    assert client_train_partition(config, 0, 1)["idx"] == list(range(50)) + list(range(1710, 1750))
+    assert client_train_partition(config, 0, 1)["idx"] == list(range(30)) + list(range(PUBLIC, PUBLIC + 40))
     with pytest.raises(DataError, match="'centralized-public' = true: for the centralized ceiling on one"):
         client_train_partition(config, 0, 2)
 
@@ -98,7 +111,7 @@ def test_partitions_cover_the_pool_disjointly_without_public_rows(partitioning: 
     parts = _partitions(partitioning)
     flat = [i for part in parts for i in part]
     assert len(flat) == len(set(flat)), "partitions overlap"
-    assert sorted(flat) == list(range(1710, 8551)), "partitions must cover exactly the non-public rows"
+    assert sorted(flat) == list(range(PUBLIC, ROWS)), "partitions must cover exactly the non-public rows"
     assert all(len(part) > 0 for part in parts)
 
 
@@ -106,7 +119,7 @@ def test_contiguous_partitioning_is_equal_parts_of_the_pool_in_file_order() -> N
     parts = _partitions("contiguous")
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
-    start = 1710
+    start = PUBLIC
     for part in parts:
         assert part == list(range(start, start + len(part)))
         start += len(part)
@@ -123,7 +136,7 @@ def test_old_name_seed_gives_the_contiguous_partitions_the_first_rows_after_the_
     rows = _tsv_rows(GLUE_DIR / "cola" / "train.tsv")
     pool = rows[int(len(rows) * config.teacher_data_pct / 100) :]
     first = contiguous[0]
-    assert len(first) in (len(pool) // 4, len(pool) // 4 + 1)  # 6841 rows: 1711 + 3 x 1710
+    assert len(first) in (len(pool) // 4, len(pool) // 4 + 1)  # 402 rows: 101, 101, 100, 100
     assert first["sentence"] == [row[3] for row in pool[: len(first)]]
     assert first["label"] == [int(row[1]) for row in pool[: len(first)]]
 
@@ -168,21 +181,22 @@ def _epoch(loader: DataLoader) -> tuple[list[int], int]:
 
 
 def test_length_grouped_batches_pad_less_and_still_shuffle_every_example_once() -> None:
-    grouped = make_config(task="sst2", **{"max-public-examples": 500, "length-grouped-batches": True})
-    plain = make_config(task="sst2", **{"max-public-examples": 500, "length-grouped-batches": False})
+    # the fixture's SST-2 train split, nearly all of it public: its first 495 examples
+    grouped = make_config(task="sst2", **{"teacher-data-pct": 99.0, "length-grouped-batches": True})
+    plain = make_config(task="sst2", **{"teacher-data-pct": 99.0, "length-grouped-batches": False})
     grouped_loader = loader_for(public_slice(grouped), grouped, shuffle_seed=grouped.seed)
     plain_loader = loader_for(public_slice(plain), plain, shuffle_seed=plain.seed)
     real_tokens = sum(grouped_loader.dataset.lengths)
     (g1, g_tokens), (g2, _) = _epoch(grouped_loader), _epoch(grouped_loader)
     p1, p_tokens = _epoch(plain_loader)
-    assert sorted(g1) == sorted(g2) == list(range(500)), "every example once per epoch"
+    assert sorted(g1) == sorted(g2) == list(range(495)), "every example once per epoch"
     assert g1 != g2 and g1 != sorted(g1), "still shuffled, and differently each epoch"
-    # SST-2's first 500: 6,478 real tokens, 19,520 in random batches, 11,872 length-grouped
+    # SST-2's first 500 (full copy): 6,478 real tokens, 19,520 in random batches, 11,872 length-grouped
     assert real_tokens < g_tokens < 0.7 * p_tokens, (real_tokens, g_tokens, p_tokens)
     again = loader_for(public_slice(grouped), grouped, shuffle_seed=grouped.seed)
     assert _epoch(again)[0] == g1, "the same seed gives the same order"
     # without grouping, the order of a shuffled DataLoader with that seed, as before the key existed
-    shuffled = DataLoader(range(500), shuffle=True, generator=torch.Generator().manual_seed(plain.seed))
+    shuffled = DataLoader(range(495), shuffle=True, generator=torch.Generator().manual_seed(plain.seed))
     assert p1 == list(shuffled.sampler)
 
 

@@ -32,8 +32,44 @@ def client_state(rank: int, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+class _Linear(torch.nn.Module):
+    def __init__(self, inp: int, out: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(inp, out, bias=False)
+
+
+def peft_delta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """What PEFT adds to a weight for LoRA factors A, B: its merged weight minus the base weight."""
+    from peft import LoraConfig, get_peft_model
+
+    rank, inp = a.shape
+    model = get_peft_model(
+        _Linear(inp, b.shape[0]),
+        LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["linear"]),
+    )
+    layer = model.base_model.model.linear
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(b)
+    base = layer.base_layer.weight.detach().clone()
+    return (model.merge_and_unload().linear.weight.detach() - base).double()
+
+
 def deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {m: delta_weight(state[a], state[b], ALPHA) for m, (a, b) in lora_pairs(state).items()}
+    """Each module's update as PEFT merges it: the reference, computed apart from the app's maths."""
+    return {m: peft_delta(state[a], state[b], ALPHA) for m, (a, b) in lora_pairs(state).items()}
+
+
+def test_the_apps_delta_weight_is_what_peft_merges() -> None:
+    for rank, seed in ((2, 1), (4, 2)):
+        state = client_state(rank, seed)
+        for a, b in lora_pairs(state).values():
+            torch.testing.assert_close(
+                delta_weight(state[a], state[b], ALPHA),
+                peft_delta(state[a], state[b], ALPHA),
+                rtol=1e-5,
+                atol=1e-5,
+            )
 
 
 def aggregate(method: str, rank: int, states, counts, wire_dtype: str = "float32"):

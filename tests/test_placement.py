@@ -56,6 +56,7 @@ def test_bfloat16_where_the_device_lacks_it_is_one_line_naming_the_key() -> None
     )
 
 
+@pytest.mark.slow
 def test_eight_clients_at_half_a_gpu_over_four_logical_gpus_two_at_a_time(tmp_path: Path) -> None:
     """The fractional-GPU profile, on CPU: Ray is told of 4 GPUs it does not have.
 

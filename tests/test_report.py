@@ -246,7 +246,18 @@ def test_plot_with_seeds_target_and_ceiling_draws_bands_stars_and_lines(tmp_path
         + [_results("fedlora", [0.5275, 0.8, 0.82], nodes=1)],
     )
     drawn: dict[str, list] = {"fill": [], "hline": [], "star": []}
-    real_fill, real_hline = report.plt.Axes.fill_between, report.plt.Axes.axhline
+    real_fill, real_hline, real_plot = (
+        report.plt.Axes.fill_between,
+        report.plt.Axes.axhline,
+        report.plt.Axes.plot,
+    )
+
+    def plot(ax, *args, **kwargs):
+        if kwargs.get("marker") == "*":
+            drawn["star"].append(tuple(args[:2]))
+        return real_plot(ax, *args, **kwargs)
+
+    monkeypatch.setattr(report.plt.Axes, "plot", plot)
     monkeypatch.setattr(
         report.plt.Axes, "fill_between", lambda ax, *a, **k: drawn["fill"].append(a) or real_fill(ax, *a, **k)
     )
@@ -257,6 +268,7 @@ def test_plot_with_seeds_target_and_ceiling_draws_bands_stars_and_lines(tmp_path
     assert path.stat().st_size > 10_000
     assert len(drawn["fill"]) == 1  # one band: the two-seed fedlora group; the ceiling is a line
     assert sorted(drawn["hline"]) == pytest.approx([211 / 400, 0.72, 0.82])  # majority, target, ceiling
+    assert drawn["star"] == [(2, 0.75)]  # seed 2 reaches 0.72 in round 2; seed 1 (0.70) never does
 
 
 def test_compare_plans_seeds_and_one_centralized_run_per_lora_setting() -> None:

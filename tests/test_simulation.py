@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.data import eval_split, loader_for
-from fedkdlora_app.models import build_student, load_saved_student, shipped_state
+from fedkdlora_app.models import load_saved_student
 from fedkdlora_app.training import evaluate
-from fedkdlora_app.wire import to_wire
-from tests.helpers import GLUE_DIR, QUICK, ROUNDS, make_config, simulate
+from fedkdlora_tools import launcher
+from tests.helpers import GLUE_DIR, QUICK, ROUNDS, make_config, model_message_bytes, simulate
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,9 @@ def test_every_round_is_reported_with_finite_metrics(runs, scheme: str) -> None:
         assert clients["train"]["num-examples"] == 2 * 32
         comm = entry["communication"]
         assert len(comm["per_node"]) == 2
-        assert comm["up_bytes"] == 2 * results["model"]["shipped_bytes_per_message"]
+        assert comm["up_bytes"] == 2 * model_message_bytes(
+            **{**QUICK, "scheme": scheme}
+        )  # one update per node, sized apart from the run
         assert comm["down_bytes"] == 2 * comm["up_bytes"]  # train + evaluate downlink
     last = results["rounds"][-1]["communication"]
     assert last["cumulative_up_bytes"] == ROUNDS * last["up_bytes"]
@@ -70,6 +72,25 @@ def test_saved_student_reproduces_the_final_server_metrics(runs, scheme: str) ->
     assert metrics["loss"] == pytest.approx(reported["loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("scheme", ["fedavg", "fedlora"])
+def test_the_run_summary_draws_plots_and_its_printed_lines_load_the_model(runs, scheme: str, capsys) -> None:
+    """What `fedkdlora-run --report` (and `make demo`) prints: paths, and code that loads the saved model."""
+    results_dir, results = runs[scheme]
+    launcher.print_run_summary(results_dir / f"{results['run']['name']}.json")
+    printed = capsys.readouterr().out
+    plots = [Path(line.split()[-1]) for line in printed.splitlines() if line.strip().endswith(".png")]
+    assert {p.name for p in plots} == {"accuracy_per_round.png", "accuracy_vs_mb.png"}
+    assert all(p.stat().st_size > 10_000 for p in plots)
+    code = printed.split("load it:\n", 1)[1]
+    assert len(code.splitlines()) == (3 if scheme == "fedlora" else 2)
+    namespace: dict = {}
+    exec(textwrap.dedent(code), namespace)  # the printed lines, as a user would paste them
+    model = namespace["model"]
+    config = make_config(**{**QUICK, "scheme": scheme})
+    metrics = evaluate(model, loader_for(eval_split(config), config), model.device).metrics()
+    assert metrics["accuracy"] == results["rounds"][-1]["server"]["student"]["accuracy"]
+
+
 def test_a_failing_run_exits_non_zero_and_keeps_its_record(tmp_path) -> None:
     data_dir = tmp_path / "glue"
     (data_dir / "sst2").mkdir(parents=True)
@@ -88,7 +109,7 @@ def test_bad_run_config_fails_before_any_run(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("client_kd", [False, True])
-def test_fedkdlora_reports_teacher_and_student_every_round(tmp_path, client_kd: bool) -> None:
+def test_fedkdlora_reports_teacher_and_student_every_round(tmp_path, test_home, client_kd: bool) -> None:
     code, results = simulate(
         tmp_path,
         scheme="fedkdlora",
@@ -101,8 +122,7 @@ def test_fedkdlora_reports_teacher_and_student_every_round(tmp_path, client_kd: 
             metrics = entry["server"][role]
             assert all(math.isfinite(metrics[k]) for k in ("loss", "accuracy", "mcc")), (entry["round"], role)
     # the student ships what a FedLoRA student ships: its LoRA state and head, nothing of the teacher
-    lora = make_config(**{**QUICK, "scheme": "fedlora"})
-    fedlora_bytes = payload_bytes(to_wire(shipped_state(build_student(lora), lora), lora.wire_dtype))
+    fedlora_bytes = model_message_bytes(**{**QUICK, "scheme": "fedlora"})
     assert results["model"]["shipped_bytes_per_message"] == fedlora_bytes
     for entry in results["rounds"][1:]:
         terms = entry["distillation"]["last-step"]
@@ -114,6 +134,9 @@ def test_fedkdlora_reports_teacher_and_student_every_round(tmp_path, client_kd: 
     teacher_bytes = [r["communication"]["down_bytes_teacher"] for r in results["rounds"][1:]]
     if client_kd:  # shipped once per node, in round 1, counted in the downlink
         assert teacher_bytes[0] > 2 * 80e6 and teacher_bytes[1:] == [0] * (ROUNDS - 1)
+        # kept in the node's user cache: the tests' temporary home, never the user's
+        cached = test_home / ".cache" / "fedkdlora" / "client-kd-teachers" / results["run"]["name"]
+        assert (cached / "config.json").is_file()
     else:
         assert teacher_bytes == [0] * ROUNDS
     assert results["teacher"]["public-examples"] == 32
