@@ -39,6 +39,40 @@ QUICK = {
 }
 
 
+def tiny_model() -> Path:
+    """A randomly initialised 6-layer BERT, 32 wide, with the embedded MiniLM's tokenizer, saved once.
+
+    For runs whose test is about the federation (resume, LoRA variants, comparisons), not
+    the default model: `student-model` and `teacher-base-model` both take it (the student
+    keeps 3 of its layers, as it does of MiniLM), and a run is mostly Flower's own cost.
+    """
+    folder = Path(os.environ["HOME"]) / "tiny-bert"  # the tests' temporary home (conftest.py)
+    if not (folder / "config.json").is_file():
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+
+        from fedkdlora_app.models import load_tokenizer
+
+        tokenizer = load_tokenizer("")
+        config = BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=6,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=2,
+        )
+        torch.manual_seed(0)
+        BertForSequenceClassification(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_models() -> dict[str, str]:
+    """Run-config overrides that put the tiny BERT in place of the student's and the teacher's base."""
+    return {"student-model": str(tiny_model()), "teacher-base-model": str(tiny_model())}
+
+
 def default_run_config() -> dict[str, Any]:
     """`[tool.flwr.app.config]` exactly as pyproject.toml ships it."""
     return app_defaults(REPO)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedkdlora_tools import compare, report
-from tests.helpers import GLUE_DIR, REPO, default_run_config
+from fedkdlora_tools import compare, launcher, report
+from tests.helpers import GLUE_DIR, REPO, default_run_config, tiny_models
 
 
 def test_sweeps_are_options_not_copies() -> None:
@@ -55,13 +55,13 @@ def test_lora_variants_are_planned_for_lora_schemes_and_labelled() -> None:
 
 
 def quick_compare(out: Path, *options: str) -> int:
-    """`fedkdlora-compare` for FedLoRA on 2 clients, 1 round, tiny caps, the real GLUE copy."""
+    """`fedkdlora-compare` for FedLoRA: 2 clients, 1 round, tiny caps, the tiny BERT, the GLUE fixture."""
+    caps = "max-train-examples-per-client=16 max-eval-examples=32 batch-size=16 max-public-examples=24"
     return compare.main(
         [
             "--app", str(REPO), "--schemes", "fedlora", "--rounds", "1", "--clients", "2",
             "--data-dir", str(GLUE_DIR), "--out", str(out),
-            "--run-config",
-            "max-train-examples-per-client=16 max-eval-examples=32 batch-size=16 max-public-examples=24",
+            "--run-config", f"{caps} {launcher.format_overrides(tiny_models())}",
             *options,
         ]
     )  # fmt: skip

@@ -15,14 +15,16 @@ from fedkdlora_app.checkpoint import Checkpoint
 from fedkdlora_app.config import ConfigError
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_tools.launcher import format_overrides
-from tests.helpers import GLUE_DIR, QUICK, REPO, make_config, simulate
+from tests.helpers import GLUE_DIR, QUICK, REPO, make_config, simulate, tiny_models
 
+# FedKDLoRA on the tiny BERT: the test is about resuming, not about the default model.
 KD = {
     **QUICK,
     "scheme": "fedkdlora",
     "num-server-rounds": 3,
     "max-public-examples": 32,
     "teacher-pretrain-epochs": 1,
+    **tiny_models(),
 }
 
 
@@ -110,6 +112,7 @@ def test_same_seed_same_metrics_and_resume_matches(uninterrupted, tmp_path) -> N
     assert resume["after_round"] == completed and resume["previous_status"] == "running"
     _assert_same_rounds(_rounds(resumed), _rounds(uninterrupted))
     assert resumed["rounds"][-1]["distillation"]["last-step"]  # the comparison covered the server step
+    assert all(r["communication"]["down_bytes_teacher"] == 0 for r in resumed["rounds"][1:])  # no client KD
     assert Path(resumed["artifacts"]["teacher"], "config.json").is_file()
 
     # resuming a finished run with no rounds left just saves its models again
