@@ -214,6 +214,15 @@ def client_train_partition(config: RunConfig, partition_id: int, num_partitions:
     return partition
 
 
+def largest_partition(config: RunConfig, pool_examples: int) -> int:
+    """The most training examples one client partition can hold: the per-client cap, or the whole
+    pool; with `centralized-public`, the labelled public slice on top (see `client_train_partition`)."""
+    largest = config.max_train_examples_per_client or pool_examples
+    if config.centralized_public:
+        largest += labelled_count(config, len(public_slice(config)))
+    return largest
+
+
 def eval_split(config: RunConfig) -> datasets.Dataset:
     """The dev examples every evaluation scores (a seeded subset if max-eval-examples)."""
     dev = load_split(config, "dev")

@@ -66,12 +66,13 @@ class ServerDistillation:
         # the teacher alone trains on the labelled share (the same loader when it is all of it).
         public = public_slice(config)
         labelled = labelled_count(config, len(public))
+        all_labelled = labelled == len(public)
         self.public_loader = loader_for(
-            public, config, shuffle_seed=config.seed, labelled=labelled if labelled < len(public) else None
+            public, config, shuffle_seed=config.seed, labelled=None if all_labelled else labelled
         )
         self.teacher_loader = (
             self.public_loader
-            if labelled == len(public)
+            if all_labelled
             else loader_for(labelled_public(config), config, shuffle_seed=config.seed)
         )
         # Clients distil from the pre-trained teacher, as it was before any round changed it.

@@ -17,6 +17,7 @@ from fedkdlora_app.config import RunConfig, run_dir_of
 from fedkdlora_app.data import (
     eval_split,
     labelled_count,
+    largest_partition,
     load_split,
     loader_for,
     public_and_pool,
@@ -69,7 +70,7 @@ def run_federation(
     seed_everything(config.seed)
     # Read train here too: a malformed file must stop the run before any client trains.
     _, client_pool = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
-    labelled_public_examples = labelled_count(config, len(public_slice(config)))
+    public_examples = len(public_slice(config))  # as used, after max-public-examples
     device = pick_device()
     check_precision(config.precision, device)
     # Distillation compares attention maps, which only the eager kernels return.
@@ -83,8 +84,8 @@ def run_federation(
         shipped_parameters=payload_params(initial_arrays),
         shipped_bytes_per_message=payload_bytes(initial_arrays),
         eval_examples=len(eval_loader.dataset),
-        public_examples=len(public_slice(config)),  # as used, after max-public-examples
-        public_labelled_examples=labelled_public_examples,
+        public_examples=public_examples,
+        public_labelled_examples=labelled_count(config, public_examples),
         client_pool_examples=len(client_pool),
         server_device=str(device),
     )
@@ -129,10 +130,8 @@ def run_federation(
         recorder,
         aggregator=UpdateAggregator.from_config(config),
         once_per_node=distillation.client_teacher_records if distillation else None,
-        # No partition holds more than the cap, or the whole client pool: larger claims are dropped.
-        # (the centralized ceiling with public data also holds the labelled public slice)
-        max_examples_per_update=(config.max_train_examples_per_client or len(client_pool))
-        + (labelled_public_examples if config.centralized_public else 0),
+        # No partition holds more than this: larger claims are dropped.
+        max_examples_per_update=largest_partition(config, len(client_pool)),
         round_offset=offset,
         round_timeout=config.round_timeout,
         fraction_train=config.fraction_train,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -142,18 +142,7 @@ def mutual_distill(
     ships afterwards is the same PEFT state as under FedLoRA. `kd_loss` and `signal`
     choose the loss (`losses.MUTUAL_LOSSES`) and what of it reaches the student.
     """
-    loss_fn = MUTUAL_LOSSES[kd_loss]
-
-    def step_loss(student_out: Any, teacher_out: Any, labels: torch.Tensor) -> MutualKDTerms:
-        return loss_fn(
-            student_out.logits,
-            teacher_out.logits,
-            labels,
-            student_out.attentions,
-            teacher_out.attentions,
-            signal=signal,
-        )
-
+    loss_fn = functools.partial(MUTUAL_LOSSES[kd_loss], signal=signal)
     student.to(device).train()
     teacher.to(device).train()
     optimizer, schedule = distill_optimizer(student, teacher, student_lr, teacher_lr, epochs * len(loader))
@@ -161,7 +150,7 @@ def mutual_distill(
     with attention_kernel(student, "eager"), attention_kernel(teacher, "eager"):  # the maps are distilled
         for _ in range(epochs):
             terms = _mutual_epoch(
-                student, teacher, loader, optimizer, schedule, device, what, precision, progress, step_loss
+                student, teacher, loader, optimizer, schedule, device, what, precision, progress, loss_fn
             )
     return terms
 
@@ -176,7 +165,7 @@ def _mutual_epoch(
     what: str,
     precision: str,
     progress: Progress | None,
-    step_loss: Callable[[Any, Any, torch.Tensor], MutualKDTerms],
+    loss_fn: Callable[..., MutualKDTerms],
 ) -> dict[str, float]:
     """One pass of `mutual_distill` over the loader; the last step's terms."""
     terms: dict[str, float] = {}
@@ -186,7 +175,13 @@ def _mutual_epoch(
         with autocast(device, precision):
             student_out = student(**inputs, output_attentions=True)
             teacher_out = teacher(**inputs, output_attentions=True)
-            step = step_loss(student_out, teacher_out, batch["labels"])
+            step = loss_fn(
+                student_out.logits,
+                teacher_out.logits,
+                batch["labels"],
+                student_out.attentions,
+                teacher_out.attentions,
+            )
         check_finite(step.loss, what)
         optimizer.zero_grad(set_to_none=True)
         step.loss.backward()

@@ -90,9 +90,10 @@ class RunResult:
         scheme = self.config["scheme"]
         ceiling = "centralized + public" if self.setting("centralized-public") else "centralized"
         parts = [f"{ceiling} ({scheme})" if self.centralized else scheme]
+        applies = self.sweep_settings()
         for key, short in SWEEP_LABELS.items():
             value = self.setting(key)
-            if key not in varying or key not in self.sweep_settings():
+            if key not in varying or key not in applies:
                 continue
             if key in ("teacher-data-pct", "public-labelled-pct"):
                 parts.append(f"{short}={value:g}%")
