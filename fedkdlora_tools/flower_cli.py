@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,6 +95,28 @@ def write_connection(
     return path
 
 
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """Copy the files the FAB takes (pyproject.toml, .gitignore, `fab-include`) to `dest`; return it.
+
+    `flwr run <dir>` walks every file under <dir> before filtering (a .venv and a results
+    folder beside the app: seconds per run); from `dest` it builds the same FAB. Without
+    `fab-include` the FAB's files are not known here, and `app_dir` itself is returned.
+    """
+    pyproject = app_dir / "pyproject.toml"
+    app_table = tomli.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
+    patterns = app_table.get("fab-include")
+    if not patterns:
+        return app_dir
+    files = [pyproject] + [path for path in [app_dir / ".gitignore"] if path.is_file()]
+    files += [path for pattern in patterns for path in app_dir.glob(pattern) if path.is_file()]
+    shutil.rmtree(dest, ignore_errors=True)  # nothing left over from an earlier staging
+    for path in files:
+        target = dest / path.relative_to(app_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return dest
+
+
 def register_supernode(env: dict[str, str], connection: str, public_key: Path) -> int:
     """`flwr supernode register`: after this, the SuperNode holding the private key may join."""
     return int(flwr_json(["supernode", "register", str(public_key), connection], env)["node-id"])
@@ -101,9 +124,12 @@ def register_supernode(env: dict[str, str], connection: str, public_key: Path) -
 
 def submit_run(env: dict[str, str], connection: str, app_dir: Path, run_config: dict[str, Any]) -> int:
     """`flwr run <app> <connection>` with the overrides in a TOML file; the new run's id."""
-    overrides = Path(env["FLWR_HOME"]) / f"run-config-{uuid.uuid4().hex[:8]}.toml"
+    submission = Path(env["FLWR_HOME"]) / f"run-{uuid.uuid4().hex[:8]}"
+    overrides = submission / "run-config.toml"
+    staged = stage_app(app_dir, submission / "app")
+    submission.mkdir(parents=True, exist_ok=True)
     overrides.write_text(tomli_w.dumps(run_config))
-    answer = flwr_json(["run", str(app_dir), connection, "--run-config", str(overrides)], env, timeout=120)
+    answer = flwr_json(["run", str(staged), connection, "--run-config", str(overrides)], env, timeout=120)
     return int(answer["run-id"])
 
 

@@ -27,7 +27,7 @@ import tomli_w
 from flwr.common.config import parse_config_args
 
 from fedkdlora_app.config import ConfigError, RunConfig, app_defaults
-from fedkdlora_tools.flower_cli import flower_env, run_status, stop_local_superlink
+from fedkdlora_tools.flower_cli import flower_env, run_status, stage_app, stop_local_superlink
 from fedkdlora_tools.processes import ProcessError, exit_on_sigterm
 
 # Run-config keys that name files or folders; relative values are taken from the cwd.
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     env = flower_env(flwr_home, local_superlink_ports=True)
     overrides_file = flwr_home / "run-config.toml"
     overrides_file.write_text(tomli_w.dumps(run_config))
-    command = ["flwr", "run", str(app_dir), "--stream", "--run-config", str(overrides_file)]
+    staged = stage_app(app_dir, flwr_home / "app")
+    command = ["flwr", "run", str(staged), "--stream", "--run-config", str(overrides_file)]
     started = time.time()
     for federation_config in args.federation_config:
         command += ["--federation-config", federation_config]

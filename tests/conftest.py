@@ -37,6 +37,17 @@ def test_home() -> Path:
     return _HOME
 
 
+@pytest.fixture(scope="session")
+def client_kd_run(tmp_path_factory) -> dict:
+    """One FedKDLoRA run with client KD (tests/helpers.py `client_kd_overrides`), shared by the
+    simulation tests (what a run reports) and the resume tests (what a resumed run must equal)."""
+    from tests.helpers import client_kd_overrides, simulate
+
+    code, results = simulate(tmp_path_factory.mktemp("client-kd"), **client_kd_overrides())
+    assert code == 0, results and results["run"]["error"]
+    return results
+
+
 @pytest.fixture(autouse=True)
 def restore_task_identity():
     """Tests that build Messages by hand set Flower's process-wide task identity; undo it."""

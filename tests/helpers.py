@@ -73,6 +73,20 @@ def tiny_models() -> dict[str, str]:
     return {"student-model": str(tiny_model()), "teacher-base-model": str(tiny_model())}
 
 
+def client_kd_overrides() -> dict[str, Any]:
+    """FedKDLoRA with client KD on the tiny BERT, 3 rounds: the run the simulation and resume tests
+    share (`client_kd_run` in conftest.py)."""
+    return {
+        **QUICK,
+        "scheme": "fedkdlora",
+        "client-kd": True,
+        "num-server-rounds": 3,
+        "max-public-examples": 32,
+        "teacher-pretrain-epochs": 1,
+        **tiny_models(),
+    }
+
+
 def default_run_config() -> dict[str, Any]:
     """`[tool.flwr.app.config]` exactly as pyproject.toml ships it."""
     return app_defaults(REPO)
@@ -93,6 +107,16 @@ def model_message_bytes(**overrides: Any) -> int:
 
     config = make_config(**overrides)
     return payload_bytes(to_wire(shipped_state(build_student(config), config), config.wire_dtype))
+
+
+def teacher_message_bytes(**overrides: Any) -> int:
+    """Bytes of the client-KD teacher's weights under `overrides`, from a teacher built here."""
+    from fedkdlora_app.bookkeeping import payload_bytes
+    from fedkdlora_app.models import load_classifier
+
+    config = make_config(**overrides)
+    teacher = load_classifier(config.teacher_base_model, config.num_labels)
+    return payload_bytes(ArrayRecord(teacher.state_dict()))
 
 
 def train_reply(node_id: int, arrays: ArrayRecord | list[np.ndarray], num_examples: int) -> Message:

@@ -10,6 +10,7 @@ import zipfile
 
 from flwr.cli.build import build_fab_from_disk
 
+from fedkdlora_tools.flower_cli import stage_app
 from tests.helpers import REPO
 
 
@@ -85,3 +86,12 @@ def test_the_wheel_carries_both_packages_and_the_deploy_scripts(tmp_path) -> Non
     mode = zipfile.ZipFile(wheel).getinfo("fedkdlora_tools/deploy/start-supernode.sh").external_attr >> 16
     assert mode & 0o111, oct(mode)  # the harness executes them
     assert not any(name.startswith("tests/") or name.startswith("bench/") for name in names)
+
+
+def test_the_staged_app_builds_the_fab_the_repository_builds(tmp_path) -> None:
+    """`flwr run` is given a folder holding only the FAB's files: the same FAB, without walking .venv."""
+    staged = stage_app(REPO, tmp_path / "app")
+    assert staged != REPO
+    assert build_fab_from_disk(staged) == build_fab_from_disk(REPO)
+    (tmp_path / "app" / "fedkdlora_app" / "stale.py").write_text("")
+    assert build_fab_from_disk(stage_app(REPO, tmp_path / "app")) == build_fab_from_disk(REPO)

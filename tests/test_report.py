@@ -67,28 +67,51 @@ def quick_compare(out: Path, *options: str) -> int:
     )  # fmt: skip
 
 
-def test_compare_runs_the_sweep_and_reports_it(tmp_path, capsys) -> None:
+def test_compare_runs_the_sweep_with_both_ceilings_reports_it_and_continues_where_it_stopped(
+    tmp_path, capsys
+) -> None:
+    """The one short comparison: FedAvg and FedLoRA on 2 nodes, then the pool and pool + public on one."""
     out = tmp_path / "cmp"
-    code = quick_compare(out, "--task", "cola", "--lora-r", "4", "8")
-    assert code == 0
+    options = ("--task", "cola", "--schemes", "fedavg", "fedlora", "--lora-r", "8", "--centralized")
+    options += ("--target", "0.5")
+    assert quick_compare(out, *options) == 0
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    assert sorted(r["config"]["lora-r"] for r in runs) == [4, 8]
     assert all(r["config"]["num-server-rounds"] == 1 and r["run"]["status"] == "completed" for r in runs)
+    central = {r["config"]["centralized-public"]: r for r in runs if r["config"]["min-available-nodes"] == 1}
+    federated = {r["config"]["scheme"]: r for r in runs if r["config"]["min-available-nodes"] == 2}
+    assert len(runs) == 4 and set(federated) == {"fedavg", "fedlora"} and set(central) == {False, True}
+    assert all(r["config"]["scheme"] == "fedlora" for r in central.values())  # no FedAvg ceiling
+    for run in central.values():
+        assert run["config"]["max-train-examples-per-client"] == 32  # 2 clients x 16
+        assert len(run["rounds"][1]["communication"]["per_node"]) == 1
+    assert central[False]["rounds"][1]["clients"]["train"]["num-examples"] == 32
+    assert central[True]["rounds"][1]["clients"]["train"]["num-examples"] == 32 + 24  # + the public slice
+    for run in federated.values():  # 2 x 16: the same pool size
+        assert run["rounds"][1]["clients"]["train"]["num-examples"] == 32
+    shipped = {scheme: run["model"]["shipped_bytes_per_message"] for scheme, run in federated.items()}
+    assert shipped["fedlora"] < shipped["fedavg"]
+
     table = (out / "comparison.md").read_text()
-    assert "| fedlora r=4 | 1 |" in table and "| fedlora r=8 | 1 |" in table and "final MCC" in table
+    for label in ("centralized (fedlora)", "centralized + public (fedlora)", "fedavg", "fedlora"):
+        assert f"| {label} | 1 |" in table, label
+    assert "final MCC" in table and "rounds to MCC 0.5" in table
     for run in runs:  # the table's MB up is the run's cumulative uplink
         up = run["rounds"][-1]["communication"]["cumulative_up_bytes"] / 1e6
         assert f"{up:,.2f}" in table
-    r4, r8 = sorted(runs, key=lambda r: r["config"]["lora-r"])
-    assert r4["model"]["shipped_bytes_per_message"] < r8["model"]["shipped_bytes_per_message"]
     for name in ("accuracy_per_round.png", "accuracy_vs_mb.png"):
         assert (out / name).stat().st_size > 10_000
     assert not (out / "teacher_vs_student.png").exists()  # no FedKDLoRA run
 
     # redraw after the fact from the JSON files, into another folder
     redrawn = tmp_path / "redrawn"
-    assert report.main([str(out / "runs"), "--out", str(redrawn)]) == 0
+    assert report.main([str(out / "runs"), "--out", str(redrawn), "--target", "0.5"]) == 0
     assert (redrawn / "comparison.md").read_text() == table
+
+    # the same command again: every run is already there, none runs again
+    capsys.readouterr()
+    assert quick_compare(out, *options) == 0
+    assert capsys.readouterr().out.count("already completed") == 4
+    assert len(list((out / "runs").glob("*.json"))) == 4
 
 
 def test_plot_refuses_a_file_that_is_not_a_results_json(tmp_path, capsys) -> None:
@@ -319,33 +342,6 @@ def test_medium_keeps_the_whole_public_slice_and_caps_clients(tmp_path) -> None:
     assert common["num-server-rounds"] == compare.MEDIUM_ROUNDS
     with pytest.raises(SystemExit):
         compare.parse_args(["--task", "cola", "--medium", "--quick"])
-
-
-def test_compare_centralized_runs_one_node_holding_the_pool_with_and_without_public(tmp_path, capsys) -> None:
-    """The one short simulation for the ceilings: FedLoRA on 2 nodes; the pool, then pool + public, on one."""
-    out = tmp_path / "cmp"
-    options = ("--task", "sst2", "--lora-r", "8", "--centralized", "--target", "0.5")
-    assert quick_compare(out, *options) == 0
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    central = {r["config"]["centralized-public"]: r for r in runs if r["config"]["min-available-nodes"] == 1}
-    federated = [r for r in runs if r["config"]["min-available-nodes"] == 2]
-    assert len(federated) == 1 and set(central) == {False, True}
-    for run in central.values():
-        assert run["config"]["max-train-examples-per-client"] == 32  # 2 clients x 16
-        assert len(run["rounds"][1]["communication"]["per_node"]) == 1
-    assert central[False]["rounds"][1]["clients"]["train"]["num-examples"] == 32
-    assert central[True]["rounds"][1]["clients"]["train"]["num-examples"] == 32 + 24  # + the public slice
-    assert federated[0]["rounds"][1]["clients"]["train"]["num-examples"] == 32  # 2 x 16: the same pool size
-    table = (out / "comparison.md").read_text()
-    assert "| centralized (fedlora) | 1 |" in table and "| fedlora | 1 |" in table
-    assert "| centralized + public (fedlora) | 1 |" in table
-    assert "rounds to acc 0.5" in table
-
-    # the same command again: every run is already there, none runs again
-    capsys.readouterr()
-    assert quick_compare(out, *options) == 0
-    assert capsys.readouterr().out.count("already completed") == 3
-    assert len(list((out / "runs").glob("*.json"))) == 3
 
 
 def test_compare_plans_each_server_step_signal_and_the_original_loss_for_fedkdlora_only() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import subprocess
@@ -15,17 +16,11 @@ from fedkdlora_app.checkpoint import Checkpoint
 from fedkdlora_app.config import ConfigError
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_tools.launcher import format_overrides
-from tests.helpers import GLUE_DIR, QUICK, REPO, make_config, simulate, tiny_models
+from tests.helpers import GLUE_DIR, REPO, client_kd_overrides, make_config, simulate, teacher_message_bytes
 
-# FedKDLoRA on the tiny BERT: the test is about resuming, not about the default model.
-KD = {
-    **QUICK,
-    "scheme": "fedkdlora",
-    "num-server-rounds": 3,
-    "max-public-examples": 32,
-    "teacher-pretrain-epochs": 1,
-    **tiny_models(),
-}
+# FedKDLoRA with client KD on the tiny BERT (the run `client_kd_run` shares): the test is about
+# resuming, server step and shipped teacher included, not about the default model.
+KD = client_kd_overrides()
 
 
 def _round_record(entry: dict) -> dict:
@@ -47,6 +42,24 @@ def _round_record(entry: dict) -> dict:
 
 def _rounds(results: dict, up_to: int | None = None) -> list[dict]:
     return [_round_record(r) for r in results["rounds"] if up_to is None or r["round"] <= up_to]
+
+
+def _with_teacher_shipped_again(rounds: list[dict], round_: int, per_node: int) -> list[dict]:
+    """`rounds` as a resumed run records them: its new server process has served no node yet, so
+    round `round_` ships the client-KD teacher to each node once more (and no later round does)."""
+    rounds = copy.deepcopy(rounds)
+    for entry in rounds:
+        comm = entry["communication"]
+        if entry["round"] >= round_:
+            comm["cumulative_down_bytes"] += len(comm["per_node_bytes"]) * per_node
+        if entry["round"] == round_:
+            for key in ("down_bytes", "down_bytes_teacher"):
+                comm[key] += len(comm["per_node_bytes"]) * per_node
+            comm["per_node_bytes"] = sorted(
+                tuple(sorted({**dict(node), "down_bytes": dict(node)["down_bytes"] + per_node}.items()))
+                for node in comm["per_node_bytes"]
+            )
+    return rounds
 
 
 def _assert_same_rounds(a: list[dict], b: list[dict]) -> None:
@@ -89,10 +102,8 @@ def _kill_after_round(results_dir: Path, round_: int, timeout: float = 300) -> P
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    code, results = simulate(tmp_path_factory.mktemp("full"), **KD)
-    assert code == 0, results and results["run"]["error"]
-    return results
+def uninterrupted(client_kd_run) -> dict:
+    return client_kd_run
 
 
 def test_same_seed_same_metrics_and_resume_matches(uninterrupted, tmp_path) -> None:
@@ -110,16 +121,16 @@ def test_same_seed_same_metrics_and_resume_matches(uninterrupted, tmp_path) -> N
     assert resumed["run"]["status"] == "completed"
     [resume] = resumed["run"]["resumes"]
     assert resume["after_round"] == completed and resume["previous_status"] == "running"
-    _assert_same_rounds(_rounds(resumed), _rounds(uninterrupted))
+    expected = _with_teacher_shipped_again(_rounds(uninterrupted), completed + 1, teacher_message_bytes(**KD))
+    _assert_same_rounds(_rounds(resumed), expected)
     assert resumed["rounds"][-1]["distillation"]["last-step"]  # the comparison covered the server step
-    assert all(r["communication"]["down_bytes_teacher"] == 0 for r in resumed["rounds"][1:])  # no client KD
     assert Path(resumed["artifacts"]["teacher"], "config.json").is_file()
 
     # resuming a finished run with no rounds left just saves its models again
     code, again = simulate(tmp_path, **{**KD, "resume-from": str(results_path)})
     assert code == 0, again["run"]["error"]
     assert [r["round"] for r in again["rounds"]] == [0, 1, 2, 3] and len(again["run"]["resumes"]) == 2
-    _assert_same_rounds(_rounds(again), _rounds(uninterrupted))
+    _assert_same_rounds(_rounds(again), expected)
 
 
 def test_resume_refuses_a_changed_config(uninterrupted) -> None:
