@@ -2,14 +2,12 @@
 
 Averaging LoRA's factors separately is not averaging the updates: mean(B)·mean(A) is
 not mean(B·A). `svd` averages the products ΔW = B·A·(alpha/r) instead, which is exact, and
-re-factorises the mean by truncated SVD into the rank the clients train; by Eckart-Young
-that is the best rank-r approximation, and its relative Frobenius error is reported.
-Clients of different ranks each fit the global factors to their own rank (`fit_rank`).
+re-factorises the mean by truncated SVD (lora.py) into the rank the clients train; its
+relative Frobenius error is reported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +16,9 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedkdlora_app.config import RunConfig
-from fedkdlora_app.protocol import LORA_A, LORA_B
+from fedkdlora_app.lora import delta_weight, factorise, fit_rank, lora_pairs
+from fedkdlora_app.protocol import LORA_B
 from fedkdlora_app.wire import from_wire, to_wire
-
-
-def lora_pairs(keys: list[str] | Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """Adapted module -> (its lora_A key, its lora_B key), for PEFT state-dict keys."""
-    return {key.split(LORA_A)[0]: (key, key.replace(LORA_A, LORA_B)) for key in keys if LORA_A in key}
 
 
 def lora_rank(record: ArrayRecord) -> int | None:
@@ -33,62 +27,6 @@ def lora_rank(record: ArrayRecord) -> int | None:
         if LORA_B in key:
             return int(array.shape[1])
     return None
-
-
-def delta_weight(a: torch.Tensor, b: torch.Tensor, lora_alpha: float) -> torch.Tensor:
-    """The weight update a LoRA pair adds: B·A scaled by alpha/r (PEFT's scaling), in float64."""
-    return (lora_alpha / a.shape[0]) * (b.double() @ a.double())
-
-
-@dataclass(frozen=True)
-class Factorisation:
-    """B, A of a truncated SVD, and the squared Frobenius norms that give its error."""
-
-    b: torch.Tensor
-    a: torch.Tensor
-    tail_energy: float  # ||ΔW - B·A·alpha/r||_F^2 (the discarded singular values)
-    total_energy: float  # ||ΔW||_F^2
-
-    @property
-    def relative_error(self) -> float:
-        return (self.tail_energy / self.total_energy) ** 0.5 if self.total_energy > 0 else 0.0
-
-
-def factorise(delta: torch.Tensor, rank: int, lora_alpha: float) -> Factorisation:
-    """B, A with B·A·(alpha/rank) the best rank-`rank` approximation of `delta`: B = U·S, A = Vᵀ.
-
-    A keeps orthonormal rows, close to the scale of LoRA's own initialisation of A, so the
-    gradient reaching B (which is proportional to A·x) stays healthy however small the
-    update is; splitting S evenly (U√S, √S·Vᵀ) shrinks A with the update and slows training.
-    """
-    u, s, vh = torch.linalg.svd(delta.double() * (rank / lora_alpha), full_matrices=False)
-    b, a = u[:, :rank] * s[:rank], vh[:rank]
-    if b.shape[1] < rank:  # the matrix is smaller than the rank: pad with zero directions
-        b = torch.nn.functional.pad(b, (0, rank - b.shape[1]))
-        a = torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0]))
-    scale_sq = (lora_alpha / rank) ** 2
-    tail, total = float((s[rank:] ** 2).sum()) * scale_sq, float((s**2).sum()) * scale_sq
-    return Factorisation(b.float(), a.float(), tail, total)
-
-
-def fit_rank(state: dict[str, torch.Tensor], rank: int, lora_alpha: float) -> dict[str, torch.Tensor]:
-    """The global LoRA state re-factorised to a client's own (lower) rank; unchanged where it matches.
-
-    A pair whose B is all zero (LoRA's initialisation) keeps A's first `rank` rows: its
-    product is zero either way, and the SVD of a zero matrix has no preferred directions
-    (it would hand every client the same axis-aligned A).
-    """
-    fitted = dict(state)
-    for key_a, key_b in lora_pairs(state).values():
-        a, b = state[key_a], state[key_b]
-        if a.shape[0] == rank:
-            continue
-        if not b.any():
-            fitted[key_a], fitted[key_b] = a[:rank].clone(), b[:, :rank].clone()
-        else:
-            factors = factorise(delta_weight(a, b, lora_alpha), rank, lora_alpha)
-            fitted[key_a], fitted[key_b] = factors.a, factors.b
-    return fitted
 
 
 def update_problem(

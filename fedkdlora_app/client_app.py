@@ -18,11 +18,11 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from fedkdlora_app.aggregation import fit_rank
 from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import NodeRun, RunConfig
 from fedkdlora_app.data import cached_client_examples, make_loader
 from fedkdlora_app.devices import check_precision, pick_device, placement
+from fedkdlora_app.lora import fit_rank
 from fedkdlora_app.metrics import EvalCounts
 from fedkdlora_app.models import (
     build_student,

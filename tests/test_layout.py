@@ -95,3 +95,48 @@ def test_the_staged_app_builds_the_fab_the_repository_builds(tmp_path) -> None:
     assert build_fab_from_disk(staged) == build_fab_from_disk(REPO)
     (tmp_path / "app" / "fedkdlora_app" / "stale.py").write_text("")
     assert build_fab_from_disk(stage_app(REPO, tmp_path / "app")) == build_fab_from_disk(REPO)
+
+
+def _imported_modules(path) -> set[str]:
+    """Every module a file imports, at any depth of its code (functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_client_side_imports_no_server_code() -> None:
+    """What a SuperNode runs (client_app and every app module it reaches) imports no server module
+    and no server-side Flower code; Flower's own client package may load that, the app does not."""
+    package = REPO / "fedkdlora_app"
+    reached, todo = set(), ["client_app"]
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        todo += [
+            m.split(".")[1]
+            for m in _imported_modules(package / f"{name}.py")
+            if m.startswith("fedkdlora_app.")
+        ]
+    server_modules = {
+        "server_app",
+        "strategy",
+        "aggregation",
+        "bookkeeping",
+        "distillation",
+        "checkpoint",
+        "results",
+    }
+    assert not reached & server_modules, sorted(reached & server_modules)
+    for name in reached:
+        flower = {
+            m
+            for m in _imported_modules(package / f"{name}.py")
+            if m.startswith(("flwr.server", "flwr.serverapp"))
+        }
+        assert not flower, (name, flower)

@@ -8,9 +8,10 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedkdlora_app.aggregation import UpdateAggregator, delta_weight, fit_rank, lora_pairs
+from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.config import ConfigError
+from fedkdlora_app.lora import delta_weight, fit_rank, lora_pairs
 from fedkdlora_app.models import build_student, shipped_state
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.strategy import ServerStep, TrackedFedAvg, TrackedServerSideClippingDP
