@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from fedkdlora_app.config import SCHEMES
 from fedkdlora_app.results import ADDED_KEY_DEFAULTS, MB
@@ -360,7 +358,7 @@ def _metrics(task: str) -> list[str]:
 MIN_Y_SPAN = 0.3  # a 0.006 wiggle must look like one
 
 
-def open_y_axis(ax: plt.Axes, metric: str) -> None:
+def open_y_axis(ax: Axes, metric: str) -> None:
     """Widen the y range to at least MIN_Y_SPAN (clipped to the metric's range), not auto-zoomed."""
     low, high = ax.get_ylim()
     if high - low < MIN_Y_SPAN:
@@ -379,7 +377,7 @@ def majority_baselines(runs: list[RunResult], metric: str) -> list[float]:
     return sorted({b for run in runs if (b := run.majority_baseline(metric)) is not None})
 
 
-def _references(ax: plt.Axes, groups: list[RunGroup], metric: str, target: float | None) -> None:
+def _references(ax: Axes, groups: list[RunGroup], metric: str, target: float | None) -> None:
     """Majority class (one line per distinct evaluation set), the centralized ceiling(s) and the target."""
     baselines = majority_baselines([run for group in groups for run in group.runs], metric)
     for index, baseline in enumerate(baselines):
@@ -392,7 +390,7 @@ def _references(ax: plt.Axes, groups: list[RunGroup], metric: str, target: float
         ax.axhline(target, color="red", linestyle="--", alpha=0.6, label=f"target {target:g}")
 
 
-def _draw_group(ax: plt.Axes, x: Any, mean: np.ndarray, std: np.ndarray, group: RunGroup) -> str:
+def _draw_group(ax: Axes, x: Any, mean: np.ndarray, std: np.ndarray, group: RunGroup) -> str:
     label = group.label if len(group.runs) == 1 else f"{group.label} (mean ± std, {len(group.runs)} seeds)"
     (line,) = ax.plot(x, mean, marker="o", label=label)
     if len(group.runs) > 1:
@@ -404,7 +402,8 @@ def plot_accuracy_per_round(runs: list[RunResult], out: Path, target: float | No
     """Federated runs as lines (seed bands), centralized runs as ceilings, stars: runs reaching the target."""
     metrics = _metrics(runs[0].task)
     groups = group_runs(runs)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    fig = Figure(figsize=(6 * len(metrics), 4))  # no pyplot: no backend, no global figure state
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for group in (g for g in groups if not g.centralized):
             color = _draw_group(ax, *group.band(metric), group)
@@ -421,7 +420,8 @@ def plot_accuracy_per_round(runs: list[RunResult], out: Path, target: float | No
 
 def plot_accuracy_vs_mb(runs: list[RunResult], out: Path, target: float | None = None) -> Path:
     """Round 0 (nothing sent) is left out: the x axis is logarithmic. Stars: MB at the target."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     groups = group_runs(runs)
     metric = target_metric(runs[0].task)
     for group in (g for g in groups if not g.centralized):
@@ -448,7 +448,8 @@ def plot_teacher_vs_student(runs: list[RunResult], out: Path) -> Path | None:
     kd_runs = [run for run in runs if run.config["scheme"] == "fedkdlora"]
     if not kd_runs:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     varying = varying_keys(runs)
     for run in kd_runs:
         (line,) = ax.plot(
@@ -467,10 +468,9 @@ def plot_teacher_vs_student(runs: list[RunResult], out: Path) -> Path | None:
     return _save(fig, out / "teacher_vs_student.png")
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

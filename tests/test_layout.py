@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import io
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -140,3 +142,25 @@ def test_the_client_side_imports_no_server_code() -> None:
             if m.startswith(("flwr.server", "flwr.serverapp"))
         }
         assert not flower, (name, flower)
+
+
+def test_the_tools_import_without_side_effects(tmp_path) -> None:
+    """Importing the tools keeps the user's plotting backend and needs no deploy/ scripts (a copy
+    without them imports; asking for the scripts then names where it looked)."""
+    shutil.copytree(REPO / "fedkdlora_tools", tmp_path / "fedkdlora_tools")
+    script = """
+import matplotlib
+import fedkdlora_tools.compare, fedkdlora_tools.report, fedkdlora_tools.evidence, fedkdlora_tools.launcher
+import fedkdlora_tools.deployment.local, fedkdlora_tools.deployment.scenarios
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+from fedkdlora_tools.deployment.hosts import deploy_dir
+try:
+    deploy_dir()
+except FileNotFoundError as error:
+    print(error)
+"""
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "MPLBACKEND": "svg"}
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"no deploy/ scripts in {tmp_path / 'fedkdlora_tools'} or beside it"

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from fedkdlora_tools import compare, launcher, report
 from tests.helpers import GLUE_DIR, REPO, default_run_config, tiny_models
@@ -249,17 +251,15 @@ def test_each_seeds_evaluation_subset_has_its_own_majority_line(tmp_path) -> Non
 
 
 def test_y_axis_is_not_zoomed_onto_a_wiggle() -> None:
-    fig, ax = report.plt.subplots()
+    ax = Figure().subplots()
     ax.plot([0, 1, 2], [0.720, 0.7225, 0.726])
     report.open_y_axis(ax, "accuracy")
     low, high = ax.get_ylim()
     assert high - low >= report.MIN_Y_SPAN and low <= 0.72 and high >= 0.726
-    report.plt.close(fig)
-    fig, ax = report.plt.subplots()
+    ax = Figure().subplots()
     ax.plot([0, 1], [0.95, 0.99])
     report.open_y_axis(ax, "accuracy")
     assert ax.get_ylim() == (0.7, 1.0)  # accuracy never drawn above 1
-    report.plt.close(fig)
 
 
 def test_plot_with_seeds_target_and_ceiling_draws_bands_stars_and_lines(tmp_path, monkeypatch) -> None:
@@ -270,9 +270,9 @@ def test_plot_with_seeds_target_and_ceiling_draws_bands_stars_and_lines(tmp_path
     )
     drawn: dict[str, list] = {"fill": [], "hline": [], "star": []}
     real_fill, real_hline, real_plot = (
-        report.plt.Axes.fill_between,
-        report.plt.Axes.axhline,
-        report.plt.Axes.plot,
+        Axes.fill_between,
+        Axes.axhline,
+        Axes.plot,
     )
 
     def plot(ax, *args, **kwargs):
@@ -280,12 +280,12 @@ def test_plot_with_seeds_target_and_ceiling_draws_bands_stars_and_lines(tmp_path
             drawn["star"].append(tuple(args[:2]))
         return real_plot(ax, *args, **kwargs)
 
-    monkeypatch.setattr(report.plt.Axes, "plot", plot)
+    monkeypatch.setattr(Axes, "plot", plot)
     monkeypatch.setattr(
-        report.plt.Axes, "fill_between", lambda ax, *a, **k: drawn["fill"].append(a) or real_fill(ax, *a, **k)
+        Axes, "fill_between", lambda ax, *a, **k: drawn["fill"].append(a) or real_fill(ax, *a, **k)
     )
     monkeypatch.setattr(
-        report.plt.Axes, "axhline", lambda ax, y, **k: drawn["hline"].append(y) or real_hline(ax, y, **k)
+        Axes, "axhline", lambda ax, y, **k: drawn["hline"].append(y) or real_hline(ax, y, **k)
     )
     path = report.plot_accuracy_per_round(runs, tmp_path, target=0.72)
     assert path.stat().st_size > 10_000

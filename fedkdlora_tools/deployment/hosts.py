@@ -7,11 +7,16 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from functools import cache
 from pathlib import Path
 
 
-def find_deploy_dir() -> Path:
-    """The `deploy/` scripts: packed into the wheel as fedkdlora_tools/deploy, else the checkout's."""
+@cache
+def deploy_dir() -> Path:
+    """The `deploy/` scripts: packed into the wheel as fedkdlora_tools/deploy, else the checkout's.
+
+    Looked up on first use, not at import: the tools import without them.
+    """
     package = Path(__file__).resolve().parents[1]
     for candidate in (package / "deploy", package.parent / "deploy"):
         if (candidate / "start-supernode.sh").is_file():
@@ -19,7 +24,6 @@ def find_deploy_dir() -> Path:
     raise FileNotFoundError(f"no deploy/ scripts in {package} or beside it")
 
 
-DEPLOY_DIR = find_deploy_dir()
 # deploy/netns-hosts.sh: the SuperLink's namespace and address, SuperNode i's, and the CLI's side.
 NETNS_SUPERLINK = ("fkl-link", "10.77.0.1")
 NETNS_CLI_ADDRESS = "10.77.0.254"
@@ -36,7 +40,7 @@ def netns_available() -> bool:
     """True where namespaces and veth pairs can be created (root with CAP_NET_ADMIN, `ip` present)."""
     if shutil.which("ip") is None or os.geteuid() != 0:
         return False
-    check = subprocess.run([str(DEPLOY_DIR / "netns-hosts.sh"), "check"], capture_output=True, timeout=30)
+    check = subprocess.run([str(deploy_dir() / "netns-hosts.sh"), "check"], capture_output=True, timeout=30)
     return check.returncode == 0
 
 

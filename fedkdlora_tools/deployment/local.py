@@ -19,10 +19,10 @@ from typing import Any
 import psutil
 
 from fedkdlora_tools.deployment.hosts import (
-    DEPLOY_DIR,
     NETNS_MAX_SUPERNODES,
     NETNS_SUPERLINK,
     SUPERLINK_PORT,
+    deploy_dir,
     netns_node,
     with_hidden_paths,
 )
@@ -170,7 +170,7 @@ class LocalDeployment:
 
     def _script(self, args: list[str], timeout: float) -> None:
         done = subprocess.run(
-            [str(DEPLOY_DIR / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout
+            [str(deploy_dir() / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout
         )
         if done.returncode != 0:
             raise ProcessError(f"deploy/{args[0]} failed: {done.stdout[-500:]}{done.stderr[-500:]}")
@@ -208,7 +208,7 @@ class LocalDeployment:
 
     def start_superlink(self, timeout: float = 60) -> ManagedProcess:
         """Start it and wait until its port accepts connections."""
-        command = [str(DEPLOY_DIR / "start-superlink.sh"), "--port", str(self.superlink_port)]
+        command = [str(deploy_dir() / "start-superlink.sh"), "--port", str(self.superlink_port)]
         command += ["--insecure"] if self.insecure else ["--certs", str(self.certs_dir)]
         command += ["--host", self.superlink_host]
         process = self._spawn(
@@ -259,7 +259,7 @@ class LocalDeployment:
         partition_id = index if partition_id is None else partition_id
         namespace, _ = netns_node(index)
         command = [
-            str(DEPLOY_DIR / "start-supernode.sh"),
+            str(deploy_dir() / "start-supernode.sh"),
             "--superlink", self.superlink_address,
             "--partition-id", str(partition_id),
             "--num-partitions", str(self.num_supernodes),
