@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from logging import INFO
@@ -80,8 +81,18 @@ class ServerDistillation:
         # One worker: the teacher-alone phase runs there while the clients train. Torch
         # releases the GIL in its kernels, so it computes while the main thread waits.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedkdlora-teacher-phase")
+        self._stop = threading.Event()
         self._teacher_phase: Future[TrainResult] | None = None
         self._undo: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+
+    def close(self) -> None:
+        """Stop an overlapped teacher phase at its next batch and shut the worker down.
+
+        Without this, a run failing while the phase runs would wait for the whole phase
+        before its process could exit (Python joins executor threads at exit).
+        """
+        self._stop.set()
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
     def start_teacher_phase(self, server_round: int) -> None:
         """With `server-step-overlap`: train the teacher alone now, while the clients train.
@@ -181,6 +192,7 @@ class ServerDistillation:
             progress=self._progress(
                 f"round {server_round}: teacher alone", config.teacher_epochs, self.teacher_loader
             ),
+            stop=self._stop,
         )
 
     @property

@@ -66,126 +66,139 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(
     grid: Grid, config: RunConfig, recorder: RunRecorder, checkpoint: Checkpoint | None = None
 ) -> None:
-    """Build (or restore) the global student and teacher, run the rounds, save the models."""
-    seed_everything(config.seed)
-    # Read train here too: a malformed file must stop the run before any client trains.
-    _, client_pool = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
-    public_examples = len(public_slice(config))  # as used, after max-public-examples
-    device = pick_device()
-    check_precision(config.precision, device)
-    # Distillation compares attention maps, which only the eager kernels return.
-    student = build_student(config, attn_implementation="eager" if config.uses_teacher else None)
-    eval_loader = loader_for(eval_split(config), config)
-    initial_state = checkpoint.global_state if checkpoint else shipped_state(student, config)
-    initial_arrays = to_wire(initial_state, config.wire_dtype)
-    recorder.set_model_info(
-        student_parameters=sum(p.numel() for p in student.parameters()),
-        student_layers=student.config.num_hidden_layers,
-        shipped_parameters=payload_params(initial_arrays),
-        shipped_bytes_per_message=payload_bytes(initial_arrays),
-        eval_examples=len(eval_loader.dataset),
-        public_examples=public_examples,
-        public_labelled_examples=labelled_count(config, public_examples),
-        client_pool_examples=len(client_pool),
-        server_device=str(device),
-    )
-    if config.uses_dp:
-        recorder.set_model_info(privacy=privacy_info(config))
+    """Build (or restore) the global student and teacher, run the rounds, save the models.
+
+    The server step's worker is closed on every exit path: a failing run stops its
+    overlapped teacher phase at the next batch instead of waiting for it.
+    """
     distillation = None
-    if config.uses_teacher:
-        teacher_state = checkpoint.teacher_state if checkpoint else None
-        distillation = ServerDistillation(config, student, device, recorder, teacher_state)
-    generators = distillation.generators if distillation else {}
-    offset = checkpoint.round if checkpoint else 0
-    if checkpoint:
-        restore_rng(checkpoint.rng, generators)
-
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Server-side evaluation closes a round: record it, then checkpoint it."""
-        if server_round == 0 and offset:
-            return None  # a resumed run's starting point was evaluated before the interruption
-        server_round += offset
-        global_state = from_wire(arrays, config.wire_dtype)
-        load_shipped_state(student, global_state, config)
-
-        def progress(role: str) -> Progress | None:
-            what = f"round {server_round}: {role} evaluation"
-            return phase_progress(what, eval_loader, 1, config.progress_interval)
-
-        metrics = {
-            "student": evaluate(student, eval_loader, device, config.precision, progress("student")).metrics()
-        }
-        if distillation is not None:
-            metrics["teacher"] = evaluate(
-                distillation.teacher, eval_loader, device, config.precision, progress("teacher")
-            ).metrics()
-        recorder.finish_round(server_round, metrics)
-        teacher_state = (
-            {k: v.cpu() for k, v in distillation.teacher.state_dict().items()} if distillation else None
+    try:
+        seed_everything(config.seed)
+        # Read train here too: a malformed file must stop the run before any client trains.
+        _, client_pool = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
+        public_examples = len(public_slice(config))  # as used, after max-public-examples
+        device = pick_device()
+        check_precision(config.precision, device)
+        # Distillation compares attention maps, which only the eager kernels return.
+        student = build_student(config, attn_implementation="eager" if config.uses_teacher else None)
+        eval_loader = loader_for(eval_split(config), config)
+        initial_state = checkpoint.global_state if checkpoint else shipped_state(student, config)
+        initial_arrays = to_wire(initial_state, config.wire_dtype)
+        recorder.set_model_info(
+            student_parameters=sum(p.numel() for p in student.parameters()),
+            student_layers=student.config.num_hidden_layers,
+            shipped_parameters=payload_params(initial_arrays),
+            shipped_bytes_per_message=payload_bytes(initial_arrays),
+            eval_examples=len(eval_loader.dataset),
+            public_examples=public_examples,
+            public_labelled_examples=labelled_count(config, public_examples),
+            client_pool_examples=len(client_pool),
+            server_device=str(device),
         )
-        Checkpoint(server_round, global_state, teacher_state, capture_rng(generators)).save(recorder.run_dir)
-        return MetricRecord(metrics["student"])
+        if config.uses_dp:
+            recorder.set_model_info(privacy=privacy_info(config))
+        distillation = None
+        if config.uses_teacher:
+            teacher_state = checkpoint.teacher_state if checkpoint else None
+            distillation = ServerDistillation(config, student, device, recorder, teacher_state)
+        generators = distillation.generators if distillation else {}
+        offset = checkpoint.round if checkpoint else 0
+        if checkpoint:
+            restore_rng(checkpoint.rng, generators)
 
-    strategy: Strategy = TrackedFedAvg(
-        recorder,
-        aggregator=UpdateAggregator.from_config(config),
-        once_per_node=distillation.client_teacher_records if distillation else None,
-        # No partition holds more than this: larger claims are dropped.
-        max_examples_per_update=largest_partition(config, len(client_pool)),
-        round_offset=offset,
-        round_timeout=config.round_timeout,
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=config.min_available_nodes,
-    )
-    if config.uses_dp:
-        strategy = private_strategy(strategy, config)
-    if distillation is not None:  # outermost: under DP it distils the noised aggregate
-        strategy = ServerStep(
-            strategy,
-            distillation.after_aggregate,
+        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            """Server-side evaluation closes a round: record it, then checkpoint it."""
+            if server_round == 0 and offset:
+                return None  # a resumed run's starting point was evaluated before the interruption
+            server_round += offset
+            global_state = from_wire(arrays, config.wire_dtype)
+            load_shipped_state(student, global_state, config)
+
+            def progress(role: str) -> Progress | None:
+                what = f"round {server_round}: {role} evaluation"
+                return phase_progress(what, eval_loader, 1, config.progress_interval)
+
+            metrics = {
+                "student": evaluate(
+                    student, eval_loader, device, config.precision, progress("student")
+                ).metrics()
+            }
+            if distillation is not None:
+                metrics["teacher"] = evaluate(
+                    distillation.teacher, eval_loader, device, config.precision, progress("teacher")
+                ).metrics()
+            recorder.finish_round(server_round, metrics)
+            teacher_state = (
+                {k: v.cpu() for k, v in distillation.teacher.state_dict().items()} if distillation else None
+            )
+            Checkpoint(server_round, global_state, teacher_state, capture_rng(generators)).save(
+                recorder.run_dir
+            )
+            return MetricRecord(metrics["student"])
+
+        strategy: Strategy = TrackedFedAvg(
+            recorder,
+            aggregator=UpdateAggregator.from_config(config),
+            once_per_node=distillation.client_teacher_records if distillation else None,
+            # No partition holds more than this: larger claims are dropped.
+            max_examples_per_update=largest_partition(config, len(client_pool)),
             round_offset=offset,
-            before_train=distillation.start_teacher_phase,
-            without_aggregate=distillation.skip_round,
+            round_timeout=config.round_timeout,
+            fraction_train=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=config.min_available_nodes,
         )
-    # With client KD every train message names the teacher, so a node can find its cached copy.
-    train_config = ConfigRecord({TEACHER_ID_KEY: distillation.teacher_id} if config.client_kd else {})
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial_arrays,
-        num_rounds=config.num_server_rounds - offset,
-        timeout=config.round_timeout,
-        train_config=train_config,
-        evaluate_fn=evaluate_global,
-    )
-    check_something_aggregated(recorder, offset)
-    # Result.arrays is an empty record when no round produced an aggregate.
-    final_arrays = result.arrays if len(result.arrays) else initial_arrays
-    load_shipped_state(student, from_wire(final_arrays, config.wire_dtype), config)
-    student_dir = save_student(student, config, recorder.run_dir / "student")
-    artifacts = {"student": str(student_dir.resolve())}
-    if config.uses_lora:
-        artifacts["student_base"] = str(base_model_dir(config, Path(config.results_dir)).resolve())
-    if distillation is not None:
-        teacher_dir = save_teacher(
-            distillation.teacher, recorder.data["teacher"], config, recorder.run_dir / "teacher"
+        if config.uses_dp:
+            strategy = private_strategy(strategy, config)
+        if distillation is not None:  # outermost: under DP it distils the noised aggregate
+            strategy = ServerStep(
+                strategy,
+                distillation.after_aggregate,
+                round_offset=offset,
+                before_train=distillation.start_teacher_phase,
+                without_aggregate=distillation.skip_round,
+            )
+        # With client KD every train message names the teacher, so a node can find its cached copy.
+        train_config = ConfigRecord({TEACHER_ID_KEY: distillation.teacher_id} if config.client_kd else {})
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=config.num_server_rounds - offset,
+            timeout=config.round_timeout,
+            train_config=train_config,
+            evaluate_fn=evaluate_global,
         )
-        artifacts["teacher"] = str(teacher_dir.resolve())
-        artifacts["pretrained_teacher"] = str(distillation.pretrained_dir.resolve())
-    recorder.finish(artifacts)
-    health = recorder.health()
-    log(
-        INFO,
-        "Results: %s; models saved in %s; %d of %d round(s) aggregated no client update, %d failure(s) "
-        "recorded (rounds[].failures)",
-        recorder.path,
-        recorder.run_dir,
-        len(health["rounds_without_update"]),
-        health["rounds"],
-        health["failures"],
-    )
+        check_something_aggregated(recorder, offset)
+        # Result.arrays is an empty record when no round produced an aggregate.
+        final_arrays = result.arrays if len(result.arrays) else initial_arrays
+        load_shipped_state(student, from_wire(final_arrays, config.wire_dtype), config)
+        student_dir = save_student(student, config, recorder.run_dir / "student")
+        artifacts = {"student": str(student_dir.resolve())}
+        if config.uses_lora:
+            artifacts["student_base"] = str(base_model_dir(config, Path(config.results_dir)).resolve())
+        if distillation is not None:
+            teacher_dir = save_teacher(
+                distillation.teacher, recorder.data["teacher"], config, recorder.run_dir / "teacher"
+            )
+            artifacts["teacher"] = str(teacher_dir.resolve())
+            artifacts["pretrained_teacher"] = str(distillation.pretrained_dir.resolve())
+        recorder.finish(artifacts)
+        health = recorder.health()
+        log(
+            INFO,
+            "Results: %s; models saved in %s; %d of %d round(s) aggregated no client update, %d failure(s) "
+            "recorded (rounds[].failures)",
+            recorder.path,
+            recorder.run_dir,
+            len(health["rounds_without_update"]),
+            health["rounds"],
+            health["failures"],
+        )
+    finally:
+        if distillation is not None:
+            distillation.close()
 
 
 class NothingAggregatedError(RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,8 +98,12 @@ def train_epochs(
     what: str = "training",
     precision: str = "float32",
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
-    """AdamW on the trainable parameters; constant lr (FL clients) or linear decay."""
+    """AdamW on the trainable parameters; constant lr (FL clients) or linear decay.
+
+    `stop`, checked before each batch, ends training early (a closing server's teacher phase).
+    """
     model.to(device).train()
     optimizer, schedule = _optimizer(
         [{"params": trainable(model), "lr": lr}], epochs * len(loader), linear_decay
@@ -106,6 +111,8 @@ def train_epochs(
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
     for _ in range(epochs):
         for batch in loader:
+            if stop is not None and stop.is_set():
+                break
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, precision):
                 loss = objective(model, batch)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedkdlora_app import progress as progress_module
 from fedkdlora_app.distillation import ServerDistillation
@@ -14,8 +17,9 @@ from fedkdlora_app.models import build_student, shipped_state
 from fedkdlora_app.progress import Progress
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
+from fedkdlora_app.server_app import run_federation
 from fedkdlora_app.wire import from_wire, to_wire
-from tests.helpers import make_config
+from tests.helpers import make_config, tiny_models
 
 TINY = {"max-public-examples": 16, "batch-size": 8, "max-eval-examples": 16, "teacher-pretrain-epochs": 1}
 
@@ -95,3 +99,32 @@ def test_progress_lines_say_examples_rate_and_time_left(caplog, monkeypatch) -> 
     silent = Progress("x", total=10, interval=0.0)
     silent.advance(5)
     assert silent.lines == 0
+
+
+class LostLinkGrid:
+    """A Flower grid with two nodes whose link fails as the first messages go out."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+    def send_and_receive(self, messages, timeout=None):
+        raise ConnectionError("the SuperLink went away")
+
+
+def test_a_run_failing_during_the_overlapped_teacher_phase_stops_it_and_leaves_no_worker(tmp_path) -> None:
+    """The teacher phase (thousands of epochs) starts as the train messages go out; the grid then
+    fails: the run raises at once and its worker is shut down, so the process can exit."""
+    config = make_config(
+        scheme="fedkdlora",
+        task="sst2",
+        **TINY,
+        **{"server-step-overlap": True, "teacher-epochs": 100_000, "min-available-nodes": 2},
+        **{"results-dir": str(tmp_path)},
+        **tiny_models(),
+    )
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as a ServerApp has them
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="went away"):
+        run_federation(LostLinkGrid(), config, RunRecorder(config))
+    assert time.monotonic() - started < 60
+    assert not [t for t in threading.enumerate() if t.name.startswith("fedkdlora-teacher-phase")]
