@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedkdlora_app.config import ConfigError, RunConfig, app_defaults
+from fedkdlora_app.config import RunConfig, app_defaults
 from fedkdlora_app.devices import pick_device
-from fedkdlora_app.models import ModelError
+from fedkdlora_app.errors import ConfigError, DataError, ModelError
 from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.teacher import pretrain_teacher, save_teacher
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         config = RunConfig.from_mapping({**values, "scheme": "fedkdlora", "teacher-model": ""})
         seed_everything(config.seed)
         teacher, info = pretrain_teacher(config, pick_device())
-    except (ConfigError, ModelError, ValueError) as error:
+    except (ConfigError, DataError, ModelError) as error:  # bad input; anything else is a bug
         print(f"fedkdlora-pretrain-teacher: {error}", file=sys.stderr)
         return 2
     save_teacher(teacher, info, config, args.out)

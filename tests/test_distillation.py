@@ -16,8 +16,9 @@ from fedkdlora_app.models import ModelError, build_student, load_classifier, shi
 from fedkdlora_app.teacher import TEACHER_INFO, build_teacher, load_teacher
 from fedkdlora_app.training import distill_optimizer, evaluate, mutual_distill
 from fedkdlora_app.wire import to_wire
+from fedkdlora_tools import pretrain as pretrain_module
 from fedkdlora_tools.pretrain import main as pretrain_main
-from tests.helpers import REPO, make_config
+from tests.helpers import GLUE_DIR, REPO, make_config
 
 TINY = {"max-public-examples": 16, "batch-size": 8, "max-eval-examples": 16, "teacher-pretrain-epochs": 1}
 
@@ -142,7 +143,7 @@ def test_pretrain_command_writes_a_teacher_a_run_accepts(tmp_path, capsys) -> No
             "--task",
             "sst2",
             "--data-dir",
-            str(REPO.parent / "shared/data/glue"),
+            str(GLUE_DIR),
             "--epochs",
             "1",
             "--max-public-examples",
@@ -162,6 +163,23 @@ def test_pretrain_command_writes_a_teacher_a_run_accepts(tmp_path, capsys) -> No
     assert teacher.config.num_hidden_layers == 6
     with pytest.raises(ConfigError, match=r"'teacher-model' = .*pre-trained with task 'sst2'"):
         load_teacher(_kd_config(task="cola", **{"teacher-model": str(out)}))
+
+
+def test_pretrain_command_names_bad_input_in_one_line_and_lets_a_bug_surface(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """Exit 2 and one line for the app's input errors only; any other error is a bug, raised as is."""
+    argv = ["--app", str(REPO), "--task", "sst2", "--out", str(tmp_path / "teacher")]
+    assert pretrain_main([*argv, "--data-dir", str(tmp_path / "missing")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fedkdlora-pretrain-teacher: ") and str(tmp_path / "missing") in line
+
+    def broken(config, device):
+        raise ValueError("a bug, not a setting")
+
+    monkeypatch.setattr(pretrain_module, "pretrain_teacher", broken)
+    with pytest.raises(ValueError, match="a bug, not a setting"):
+        pretrain_main([*argv, "--data-dir", str(GLUE_DIR)])
 
 
 def test_build_teacher_pretrains_when_none_is_given() -> None:
