@@ -36,7 +36,13 @@ from fedkdlora_app.progress import Progress, phase_progress
 from fedkdlora_app.protocol import TEACHER_ID_KEY
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
-from fedkdlora_app.strategy import ServerStep, TrackedFedAvg, privacy_info, private_strategy
+from fedkdlora_app.strategy import (
+    ContinuedRounds,
+    ServerStep,
+    TrackedFedAvg,
+    privacy_info,
+    private_strategy,
+)
 from fedkdlora_app.teacher import save_teacher
 from fedkdlora_app.training import evaluate
 from fedkdlora_app.wire import from_wire, to_wire
@@ -102,15 +108,14 @@ def run_federation(
             teacher_state = checkpoint.teacher_state if checkpoint else None
             distillation = ServerDistillation(config, student, device, recorder, teacher_state)
         generators = distillation.generators if distillation else {}
-        offset = checkpoint.round if checkpoint else 0
+        completed_rounds = checkpoint.round if checkpoint else 0
         if checkpoint:
             restore_rng(checkpoint.rng, generators)
 
         def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             """Server-side evaluation closes a round: record it, then checkpoint it."""
-            if server_round == 0 and offset:
+            if checkpoint is not None and server_round == completed_rounds:
                 return None  # a resumed run's starting point was evaluated before the interruption
-            server_round += offset
             global_state = from_wire(arrays, config.wire_dtype)
             load_shipped_state(student, global_state, config)
 
@@ -142,7 +147,6 @@ def run_federation(
             once_per_node=distillation.client_teacher_records if distillation else None,
             # No partition holds more than this: larger claims are dropped.
             max_examples_per_update=largest_partition(config, len(client_pool)),
-            round_offset=offset,
             round_timeout=config.round_timeout,
             fraction_train=config.fraction_train,
             fraction_evaluate=config.fraction_evaluate,
@@ -156,21 +160,20 @@ def run_federation(
             strategy = ServerStep(
                 strategy,
                 distillation.after_aggregate,
-                round_offset=offset,
                 before_train=distillation.start_teacher_phase,
                 without_aggregate=distillation.skip_round,
             )
         # With client KD every train message names the teacher, so a node can find its cached copy.
         train_config = ConfigRecord({TEACHER_ID_KEY: distillation.teacher_id} if config.client_kd else {})
-        result = strategy.start(
+        result = ContinuedRounds(strategy, completed_rounds).start(
             grid=grid,
             initial_arrays=initial_arrays,
-            num_rounds=config.num_server_rounds - offset,
+            num_rounds=config.num_server_rounds - completed_rounds,
             timeout=config.round_timeout,
             train_config=train_config,
             evaluate_fn=evaluate_global,
         )
-        check_something_aggregated(recorder, offset)
+        check_something_aggregated(recorder, completed_rounds)
         # Result.arrays is an empty record when no round produced an aggregate.
         final_arrays = result.arrays if len(result.arrays) else initial_arrays
         load_shipped_state(student, from_wire(final_arrays, config.wire_dtype), config)

@@ -8,7 +8,6 @@ aggregate). The bookkeeping lives in `bookkeeping.py`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
@@ -35,16 +34,6 @@ from fedkdlora_app.results import RunRecorder
 AfterAggregate = Callable[[int, ArrayRecord], ArrayRecord]
 
 
-def _in_run_rounds(method: Callable) -> Callable:
-    """Flower's `Strategy.start` counts rounds from 1; a resumed run's rounds continue after the offset."""
-
-    @functools.wraps(method)
-    def shifted(self: TrackedFedAvg, server_round: int, *args: Any) -> Any:
-        return method(self, server_round + self.round_offset, *args)
-
-    return shifted
-
-
 class TrackedFedAvg(FedAvg):
     """Flower's FedAvg, with the run's update screen and aggregator, reporting each round.
 
@@ -57,7 +46,6 @@ class TrackedFedAvg(FedAvg):
         recorder: RunRecorder,
         once_per_node: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
         max_examples_per_update: int | None = None,
-        round_offset: int = 0,
         aggregator: UpdateAggregator | None = None,
         round_timeout: float | None = None,
         **kwargs: Any,
@@ -69,7 +57,6 @@ class TrackedFedAvg(FedAvg):
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_evaluate_metrics)
         super().__init__(**kwargs)
         self.recorder = recorder
-        self.round_offset = round_offset
         self.aggregator = aggregator or UpdateAggregator()
         self.ledger = RoundLedger(recorder, self.arrayrecord_key, round_timeout)
         self.screen = UpdateScreen(
@@ -78,7 +65,6 @@ class TrackedFedAvg(FedAvg):
         self.node_ranks = NodeRanks(self.aggregator, self.arrayrecord_key)
         self.once_per_node = OncePerNode(dict(once_per_node or {}))
 
-    @_in_run_rounds
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -92,7 +78,6 @@ class TrackedFedAvg(FedAvg):
             self.ledger.sent_extra(server_round, node_id, "teacher", record)
         return messages
 
-    @_in_run_rounds
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -122,7 +107,6 @@ class TrackedFedAvg(FedAvg):
         self.recorder.set_client_metrics(server_round, "train", dict(metrics))
         return arrays, metrics
 
-    @_in_run_rounds
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -131,7 +115,6 @@ class TrackedFedAvg(FedAvg):
         self.ledger.sent(server_round, "evaluate", messages)
         return messages
 
-    @_in_run_rounds
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         self.ledger.settle(server_round, "evaluate", replies)
@@ -162,13 +145,11 @@ class ServerStep(Strategy):
         self,
         strategy: Strategy,
         step: AfterAggregate,
-        round_offset: int = 0,
         before_train: Callable[[int], None] | None = None,
         without_aggregate: Callable[[int], None] | None = None,
     ) -> None:
         self.strategy = strategy
         self.step = step
-        self.round_offset = round_offset
         self.before_train = before_train
         self.without_aggregate = without_aggregate
 
@@ -177,7 +158,7 @@ class ServerStep(Strategy):
     ) -> Iterable[Message]:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         if messages and self.before_train is not None:
-            self.before_train(server_round + self.round_offset)
+            self.before_train(server_round)
         return messages
 
     def aggregate_train(
@@ -185,9 +166,9 @@ class ServerStep(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
-            arrays = self.step(server_round + self.round_offset, arrays)
+            arrays = self.step(server_round, arrays)
         elif self.without_aggregate is not None:
-            self.without_aggregate(server_round + self.round_offset)
+            self.without_aggregate(server_round)
         return arrays, metrics
 
     def configure_evaluate(
@@ -197,6 +178,43 @@ class ServerStep(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+class ContinuedRounds(Strategy):
+    """The outermost strategy: Flower's `Strategy.start` counts rounds from 1; a run resumed after
+    `completed_rounds` continues from there. The one place that offset is applied: every strategy
+    inside, and the evaluate function, see the run's own round numbers."""
+
+    def __init__(self, strategy: Strategy, completed_rounds: int = 0) -> None:
+        self.strategy = strategy
+        self.completed_rounds = completed_rounds
+
+    def start(self, *, evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None, **kwargs: Any) -> Any:
+        def in_run_rounds(server_round: int, arrays: ArrayRecord) -> Any:
+            return evaluate_fn(server_round + self.completed_rounds, arrays)
+
+        return super().start(evaluate_fn=in_run_rounds if evaluate_fn else None, **kwargs)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.completed_rounds, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.completed_rounds, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.completed_rounds, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.completed_rounds, replies)
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -216,9 +234,8 @@ class _TrackedPrivacy:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         if any(reply.has_error() for reply in replies):
-            round_in_run = server_round + self.strategy.round_offset
-            self.strategy.ledger.settle(round_in_run, "train", replies)
-            log(WARNING, "round %d: DP aggregation skipped: a sampled client failed", round_in_run)
+            self.strategy.ledger.settle(server_round, "train", replies)
+            log(WARNING, "round %d: DP aggregation skipped: a sampled client failed", server_round)
         return super().aggregate_train(server_round, replies)
 
 

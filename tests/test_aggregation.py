@@ -13,7 +13,7 @@ from sklearn.metrics import matthews_corrcoef
 from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.metrics import EvalCounts, aggregate_evaluate_metrics
 from fedkdlora_app.results import RunRecorder
-from fedkdlora_app.strategy import ServerStep, TrackedFedAvg
+from fedkdlora_app.strategy import ContinuedRounds, ServerStep, TrackedFedAvg
 from tests.helpers import make_config, train_reply
 
 
@@ -48,6 +48,7 @@ class EchoGrid:
         """`nan_train_rounds`: the train rounds (1, 2, ...) in which every node answers NaN arrays."""
         self.nodes = nodes
         self.received: list[tuple[str, int, list[np.ndarray]]] = []
+        self.train_server_rounds: list[int] = []  # the "server-round" each train message carried
         self.nan_train_rounds = nan_train_rounds
         self.train_rounds = 0
 
@@ -57,6 +58,11 @@ class EchoGrid:
     def send_and_receive(self, messages, timeout=None) -> list[Message]:
         replies = []
         messages = list(messages)
+        self.train_server_rounds += [
+            int(m.content.config_records["config"]["server-round"])
+            for m in messages
+            if m.metadata.message_type == "train"
+        ]
         if messages and messages[0].metadata.message_type == "train":
             self.train_rounds += 1
         for index, message in enumerate(messages):
@@ -94,11 +100,14 @@ def test_the_server_step_output_is_the_next_rounds_global_model(recorder: RunRec
         return ArrayRecord([array.numpy() + 10 for array in arrays.values()])
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    inner = TrackedFedAvg(recorder, round_offset=2, min_available_nodes=2)
-    strategy = ServerStep(inner, plus_ten, round_offset=2)
+    evaluated = []
+    strategy = ContinuedRounds(ServerStep(TrackedFedAvg(recorder, min_available_nodes=2), plus_ten), 2)
     grid = EchoGrid([1, 2])
     result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord([np.zeros(2, dtype=np.float32)]), num_rounds=2
+        grid=grid,
+        initial_arrays=ArrayRecord([np.zeros(2, dtype=np.float32)]),
+        num_rounds=2,
+        evaluate_fn=lambda server_round, arrays: evaluated.append(server_round),
     )
     train = [(node, arrays[0]) for kind, node, arrays in grid.received if kind == "train"]
     # round 1: both get 0 and return 1 and 2: mean 1.5, then the step: 11.5, which round 2 trains from
@@ -108,6 +117,8 @@ def test_the_server_step_output_is_the_next_rounds_global_model(recorder: RunRec
     )
     np.testing.assert_array_equal(result.arrays["0"].numpy(), [23.0, 23.0])  # mean(12.5, 13.5) + 10
     assert seen_rounds == [3, 4]  # rounds of the resumed run, not Flower's 1 and 2
+    assert evaluated == [2, 3, 4]  # its starting point, then each round
+    assert grid.train_server_rounds == [3, 3, 4, 4]  # what client seeds derive from
     assert recorder.round(3)["aggregated_updates"] == recorder.round(4)["aggregated_updates"] == 2
 
 
