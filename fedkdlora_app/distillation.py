@@ -195,6 +195,10 @@ class ServerDistillation:
             stop=self._stop,
         )
 
+    def teacher_state(self) -> dict[str, torch.Tensor]:
+        """The teacher's weights on the CPU, for a checkpoint."""
+        return {k: v.cpu() for k, v in self.teacher.state_dict().items()}
+
     @property
     def generators(self) -> dict[str, torch.Generator]:
         """The server step's data-order generators, for checkpoints."""

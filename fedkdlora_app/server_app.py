@@ -5,10 +5,12 @@ from __future__ import annotations
 from logging import INFO
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from torch.utils.data import DataLoader
 
 from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.bookkeeping import payload_bytes, payload_params
@@ -32,7 +34,7 @@ from fedkdlora_app.models import (
     save_student,
     shipped_state,
 )
-from fedkdlora_app.progress import Progress, phase_progress
+from fedkdlora_app.progress import phase_progress
 from fedkdlora_app.protocol import TEACHER_ID_KEY
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
@@ -77,92 +79,33 @@ def run_federation(
     The server step's worker is closed on every exit path: a failing run stops its
     overlapped teacher phase at the next batch instead of waiting for it.
     """
+    seed_everything(config.seed)
+    # Read train here too: a malformed file must stop the run before any client trains.
+    _, client_pool = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
+    public_examples = len(public_slice(config))  # as used, after max-public-examples
+    device = pick_device()
+    check_precision(config.precision, device)
+    # Distillation compares attention maps, which only the eager kernels return.
+    student = build_student(config, attn_implementation="eager" if config.uses_teacher else None)
+    eval_loader = loader_for(eval_split(config), config)
+    initial_state = checkpoint.global_state if checkpoint else shipped_state(student, config)
+    initial_arrays = to_wire(initial_state, config.wire_dtype)
+    data_sizes = {
+        "eval": len(eval_loader.dataset),
+        "public": public_examples,
+        "client-pool": len(client_pool),
+    }
+    record_model_info(config, recorder, student, initial_arrays, data_sizes, device)
     distillation = None
+    if config.uses_teacher:
+        teacher_state = checkpoint.teacher_state if checkpoint else None
+        distillation = ServerDistillation(config, student, device, recorder, teacher_state)
     try:
-        seed_everything(config.seed)
-        # Read train here too: a malformed file must stop the run before any client trains.
-        _, client_pool = public_and_pool(load_split(config, "train"), config.teacher_data_pct)
-        public_examples = len(public_slice(config))  # as used, after max-public-examples
-        device = pick_device()
-        check_precision(config.precision, device)
-        # Distillation compares attention maps, which only the eager kernels return.
-        student = build_student(config, attn_implementation="eager" if config.uses_teacher else None)
-        eval_loader = loader_for(eval_split(config), config)
-        initial_state = checkpoint.global_state if checkpoint else shipped_state(student, config)
-        initial_arrays = to_wire(initial_state, config.wire_dtype)
-        recorder.set_model_info(
-            student_parameters=sum(p.numel() for p in student.parameters()),
-            student_layers=student.config.num_hidden_layers,
-            shipped_parameters=payload_params(initial_arrays),
-            shipped_bytes_per_message=payload_bytes(initial_arrays),
-            eval_examples=len(eval_loader.dataset),
-            public_examples=public_examples,
-            public_labelled_examples=labelled_count(config, public_examples),
-            client_pool_examples=len(client_pool),
-            server_device=str(device),
-        )
-        if config.uses_dp:
-            recorder.set_model_info(privacy=privacy_info(config))
-        distillation = None
-        if config.uses_teacher:
-            teacher_state = checkpoint.teacher_state if checkpoint else None
-            distillation = ServerDistillation(config, student, device, recorder, teacher_state)
-        generators = distillation.generators if distillation else {}
-        completed_rounds = checkpoint.round if checkpoint else 0
-        if checkpoint:
-            restore_rng(checkpoint.rng, generators)
-
-        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            """Server-side evaluation closes a round: record it, then checkpoint it."""
-            if checkpoint is not None and server_round == completed_rounds:
-                return None  # a resumed run's starting point was evaluated before the interruption
-            global_state = from_wire(arrays, config.wire_dtype)
-            load_shipped_state(student, global_state, config)
-
-            def progress(role: str) -> Progress | None:
-                what = f"round {server_round}: {role} evaluation"
-                return phase_progress(what, eval_loader, 1, config.progress_interval)
-
-            metrics = {
-                "student": evaluate(
-                    student, eval_loader, device, config.precision, progress("student")
-                ).metrics()
-            }
-            if distillation is not None:
-                metrics["teacher"] = evaluate(
-                    distillation.teacher, eval_loader, device, config.precision, progress("teacher")
-                ).metrics()
-            recorder.finish_round(server_round, metrics)
-            teacher_state = (
-                {k: v.cpu() for k, v in distillation.teacher.state_dict().items()} if distillation else None
-            )
-            Checkpoint(server_round, global_state, teacher_state, capture_rng(generators)).save(
-                recorder.run_dir
-            )
-            return MetricRecord(metrics["student"])
-
-        strategy: Strategy = TrackedFedAvg(
-            recorder,
-            aggregator=UpdateAggregator.from_config(config),
-            once_per_node=distillation.client_teacher_records if distillation else None,
-            # No partition holds more than this: larger claims are dropped.
-            max_examples_per_update=largest_partition(config, len(client_pool)),
-            round_timeout=config.round_timeout,
-            fraction_train=config.fraction_train,
-            fraction_evaluate=config.fraction_evaluate,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=config.min_available_nodes,
-        )
-        if config.uses_dp:
-            strategy = private_strategy(strategy, config)
-        if distillation is not None:  # outermost: under DP it distils the noised aggregate
-            strategy = ServerStep(
-                strategy,
-                distillation.after_aggregate,
-                before_train=distillation.start_teacher_phase,
-                without_aggregate=distillation.skip_round,
-            )
+        completed_rounds = 0
+        if checkpoint is not None:
+            completed_rounds = checkpoint.round
+            restore_rng(checkpoint.rng, distillation.generators if distillation else {})
+        strategy = build_strategy(config, recorder, distillation, len(client_pool))
         # With client KD every train message names the teacher, so a node can find its cached copy.
         train_config = ConfigRecord({TEACHER_ID_KEY: distillation.teacher_id} if config.client_kd else {})
         result = ContinuedRounds(strategy, completed_rounds).start(
@@ -171,37 +114,149 @@ def run_federation(
             num_rounds=config.num_server_rounds - completed_rounds,
             timeout=config.round_timeout,
             train_config=train_config,
-            evaluate_fn=evaluate_global,
+            evaluate_fn=RoundCloser(config, recorder, student, eval_loader, device, distillation, checkpoint),
         )
         check_something_aggregated(recorder, completed_rounds)
         # Result.arrays is an empty record when no round produced an aggregate.
         final_arrays = result.arrays if len(result.arrays) else initial_arrays
         load_shipped_state(student, from_wire(final_arrays, config.wire_dtype), config)
-        student_dir = save_student(student, config, recorder.run_dir / "student")
-        artifacts = {"student": str(student_dir.resolve())}
-        if config.uses_lora:
-            artifacts["student_base"] = str(base_model_dir(config, Path(config.results_dir)).resolve())
-        if distillation is not None:
-            teacher_dir = save_teacher(
-                distillation.teacher, recorder.data["teacher"], config, recorder.run_dir / "teacher"
-            )
-            artifacts["teacher"] = str(teacher_dir.resolve())
-            artifacts["pretrained_teacher"] = str(distillation.pretrained_dir.resolve())
-        recorder.finish(artifacts)
-        health = recorder.health()
-        log(
-            INFO,
-            "Results: %s; models saved in %s; %d of %d round(s) aggregated no client update, %d failure(s) "
-            "recorded (rounds[].failures)",
-            recorder.path,
-            recorder.run_dir,
-            len(health["rounds_without_update"]),
-            health["rounds"],
-            health["failures"],
-        )
+        recorder.finish(save_models(config, recorder, student, distillation))
     finally:
         if distillation is not None:
             distillation.close()
+    health = recorder.health()
+    log(
+        INFO,
+        "Results: %s; models saved in %s; %d of %d round(s) aggregated no client update, %d failure(s) "
+        "recorded (rounds[].failures)",
+        recorder.path,
+        recorder.run_dir,
+        len(health["rounds_without_update"]),
+        health["rounds"],
+        health["failures"],
+    )
+
+
+def build_strategy(
+    config: RunConfig,
+    recorder: RunRecorder,
+    distillation: ServerDistillation | None,
+    client_pool_examples: int,
+) -> Strategy:
+    """Each scheme's strategy, inside out (`run_federation` wraps it in `ContinuedRounds`):
+
+    - FedAvg and FedLoRA: `TrackedFedAvg`; they differ only in the state they ship;
+    - with DP: Flower's DP wrapper around it (`private_strategy`);
+    - FedKDLoRA: `ServerStep` around that, so under DP it distils the noised aggregate.
+    """
+    strategy: Strategy = TrackedFedAvg(
+        recorder,
+        aggregator=UpdateAggregator.from_config(config),
+        once_per_node=distillation.client_teacher_records if distillation else None,
+        # No partition holds more than this: larger claims are dropped.
+        max_examples_per_update=largest_partition(config, client_pool_examples),
+        round_timeout=config.round_timeout,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=config.min_available_nodes,
+    )
+    if config.uses_dp:
+        strategy = private_strategy(strategy, config)
+    if distillation is not None:
+        strategy = ServerStep(
+            strategy,
+            distillation.after_aggregate,
+            before_train=distillation.start_teacher_phase,
+            without_aggregate=distillation.skip_round,
+        )
+    return strategy
+
+
+class RoundCloser:
+    """Flower's `evaluate_fn`: server-side evaluation closes a round; it is recorded, then checkpointed."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        recorder: RunRecorder,
+        student: torch.nn.Module,
+        eval_loader: DataLoader,
+        device: torch.device,
+        distillation: ServerDistillation | None,
+        resumed_from: Checkpoint | None,
+    ) -> None:
+        self.config, self.recorder, self.student = config, recorder, student
+        self.eval_loader, self.device, self.distillation = eval_loader, device, distillation
+        self.resumed_after = resumed_from.round if resumed_from else None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == self.resumed_after:
+            return None  # a resumed run's starting point was evaluated before the interruption
+        config, distillation = self.config, self.distillation
+        global_state = from_wire(arrays, config.wire_dtype)
+        load_shipped_state(self.student, global_state, config)
+        metrics = {"student": self._evaluate(self.student, server_round, "student")}
+        if distillation is not None:
+            metrics["teacher"] = self._evaluate(distillation.teacher, server_round, "teacher")
+        self.recorder.finish_round(server_round, metrics)
+        teacher_state = distillation.teacher_state() if distillation else None
+        generators = distillation.generators if distillation else {}
+        Checkpoint(server_round, global_state, teacher_state, capture_rng(generators)).save(
+            self.recorder.run_dir
+        )
+        return MetricRecord(metrics["student"])
+
+    def _evaluate(self, model: torch.nn.Module, server_round: int, role: str) -> dict[str, float]:
+        what = f"round {server_round}: {role} evaluation"
+        progress = phase_progress(what, self.eval_loader, 1, self.config.progress_interval)
+        return evaluate(model, self.eval_loader, self.device, self.config.precision, progress).metrics()
+
+
+def record_model_info(
+    config: RunConfig,
+    recorder: RunRecorder,
+    student: torch.nn.Module,
+    initial_arrays: ArrayRecord,
+    data_sizes: dict[str, int],
+    device: torch.device,
+) -> None:
+    """What the results JSON says about the models and data (`data_sizes`: eval, public,
+    client-pool examples) before round 1."""
+    recorder.set_model_info(
+        student_parameters=sum(p.numel() for p in student.parameters()),
+        student_layers=student.config.num_hidden_layers,
+        shipped_parameters=payload_params(initial_arrays),
+        shipped_bytes_per_message=payload_bytes(initial_arrays),
+        eval_examples=data_sizes["eval"],
+        public_examples=data_sizes["public"],
+        public_labelled_examples=labelled_count(config, data_sizes["public"]),
+        client_pool_examples=data_sizes["client-pool"],
+        server_device=str(device),
+    )
+    if config.uses_dp:
+        recorder.set_model_info(privacy=privacy_info(config))
+
+
+def save_models(
+    config: RunConfig,
+    recorder: RunRecorder,
+    student: torch.nn.Module,
+    distillation: ServerDistillation | None,
+) -> dict[str, str]:
+    """Save the final student (and teacher); the artifacts' paths for the results JSON."""
+    student_dir = save_student(student, config, recorder.run_dir / "student")
+    artifacts = {"student": str(student_dir.resolve())}
+    if config.uses_lora:
+        artifacts["student_base"] = str(base_model_dir(config, Path(config.results_dir)).resolve())
+    if distillation is not None:
+        teacher_dir = save_teacher(
+            distillation.teacher, recorder.data["teacher"], config, recorder.run_dir / "teacher"
+        )
+        artifacts["teacher"] = str(teacher_dir.resolve())
+        artifacts["pretrained_teacher"] = str(distillation.pretrained_dir.resolve())
+    return artifacts
 
 
 class NothingAggregatedError(RuntimeError):
