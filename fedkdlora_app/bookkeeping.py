@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
 from fedkdlora_app.aggregation import UpdateAggregator, lora_rank, update_problem
-from fedkdlora_app.protocol import NO_TEACHER, PLACEMENT_KEY
+from fedkdlora_app.protocol import NO_TEACHER_ERROR_CODE, PLACEMENT_KEY
 from fedkdlora_app.results import RunRecorder
 
 
@@ -56,8 +56,10 @@ class RoundLedger:
         """Arrays added to one node's message (the client-KD teacher), counted under their own stage."""
         self.recorder.add_bytes(server_round, node_id, "down", stage, payload_bytes(record))
 
-    def settle(self, server_round: int, stage: str, replies: list[Message]) -> tuple[list[Message], dict]:
-        """(replies without error, {node id: error reason}); records every failure of the stage once.
+    def settle(
+        self, server_round: int, stage: str, replies: list[Message]
+    ) -> tuple[list[Message], dict[int, Error]]:
+        """(replies without error, {node id: its error}); records every failure of the stage once.
 
         A node that went away cannot reply: the SuperLink answers for it (source node 1),
         so the failure names the node the message was sent to. A node that stays
@@ -71,7 +73,7 @@ class RoundLedger:
             if reply.has_error():
                 node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 self.recorder.add_failure(server_round, stage, node_id, reply.error.reason)
-                errors[node_id] = reply.error.reason
+                errors[node_id] = reply.error
             else:
                 ok.append(reply)
                 self._record_placement(server_round, stage, reply)
@@ -166,7 +168,8 @@ class OncePerNode:
             added += [(node_id, r) for r in self.records.values() if isinstance(r, ArrayRecord)]
         return added
 
-    def settle(self, replied: list[int], errors: dict[int, str]) -> None:
-        """Nodes that replied got the records; one that lost them (NO_TEACHER) gets them again."""
+    def settle(self, replied: list[int], errors: dict[int, Error]) -> None:
+        """Nodes that replied got the records; one that lost them (its error's code) gets them again."""
         self.served.update(replied)
-        self.served.difference_update(node for node, reason in errors.items() if NO_TEACHER in reason)
+        lost = [node for node, error in errors.items() if error.code == NO_TEACHER_ERROR_CODE]
+        self.served.difference_update(lost)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -36,6 +36,7 @@ from fedkdlora_app.protocol import (
     CONFIG_KEY,
     METRICS_KEY,
     NO_TEACHER,
+    NO_TEACHER_ERROR_CODE,
     NUM_EXAMPLES_KEY,
     PLACEMENT_KEY,
     SERVER_ROUND_KEY,
@@ -175,6 +176,10 @@ def keep_shipped_teacher(content: RecordDict, folder: Path, keep: int = 2) -> No
         shutil.rmtree(stale.parent, ignore_errors=True)
 
 
+class NoTeacherError(RuntimeError):
+    """This node has no client-KD teacher: answered with an error reply the server acts on."""
+
+
 def frozen_teacher(message: Message, node: NodeRun) -> torch.nn.Module:
     """The node's `teacher-path` if its node config has one, else the copy the server shipped.
 
@@ -189,7 +194,7 @@ def frozen_teacher(message: Message, node: NodeRun) -> torch.nn.Module:
     if TEACHER_ARRAYS_KEY in message.content:
         keep_shipped_teacher(message.content, folder)
     if not teacher_id or not (folder / "config.json").is_file():
-        raise RuntimeError(
+        raise NoTeacherError(
             f"client-kd = true but this node {NO_TEACHER} '{teacher_id}' (none in this message, none in "
             f"{folder}): the server ships it again with the next train message, or set node config "
             "'teacher-path'"
@@ -207,7 +212,10 @@ def train(message: Message, context: Context) -> Message:
     node = node_run_of(context)
     config = node.config
     server_round = int(message.content.config_records[CONFIG_KEY][SERVER_ROUND_KEY])
-    teacher = frozen_teacher(message, node) if config.client_kd else None
+    try:
+        teacher = frozen_teacher(message, node) if config.client_kd else None
+    except NoTeacherError as error:
+        return Message(Error(code=NO_TEACHER_ERROR_CODE, reason=f"NoTeacherError: {error}"), reply_to=message)
     state, result = local_train(
         config, node.partition_id, node.num_partitions, server_round, _global_state(message, config), teacher
     )

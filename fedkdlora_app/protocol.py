@@ -11,8 +11,10 @@ TEACHER_ARRAYS_KEY = "teacher"
 TEACHER_CONFIG_KEY = "teacher-config"
 # ... and the train-config entry that names it in every train message, so a node finds its copy.
 TEACHER_ID_KEY = "client-kd-teacher"
-# In a ClientApp's error when it has neither the shipped teacher nor a local copy: the
-# server then ships the teacher again with that node's next train message.
+# The code of a ClientApp's error reply when it has neither the shipped teacher nor a local
+# copy (Flower's own codes are 0-8): the server ships the teacher again with that node's next
+# train message. The reason says so in words, for the results JSON.
+NO_TEACHER_ERROR_CODE = 101
 NO_TEACHER = "has no client-KD teacher"
 # In every ClientApp reply: where the client computed (`devices.placement`), for the results JSON.
 PLACEMENT_KEY = "placement"

@@ -274,20 +274,27 @@ def test_a_node_silent_past_the_round_timeout_is_a_recorded_failure(recorder: Ru
 def test_a_node_that_lost_the_client_kd_teacher_is_sent_it_again(recorder: RunRecorder) -> None:
     from flwr.app import Error
 
-    from fedkdlora_app.protocol import NO_TEACHER
+    from fedkdlora_app.protocol import NO_TEACHER, NO_TEACHER_ERROR_CODE
 
     teacher = ArrayRecord([np.ones(10, dtype=np.float32)])
     strategy = TrackedFedAvg(recorder, once_per_node={"teacher": teacher})
-    strategy.once_per_node.served = {1, 2}  # both replied in an earlier round
-    sent = _sent_messages(strategy, [1, 2])
+    strategy.once_per_node.served = {1, 2, 3}  # all replied in an earlier round
+    sent = _sent_messages(strategy, [1, 2, 3])
     TaskIdentity.node_id = 2
-    lost = Message(Error(code=0, reason=f"RuntimeError: this node {NO_TEACHER} 'run'"), reply_to=sent[1])
+    lost = Message(
+        Error(code=NO_TEACHER_ERROR_CODE, reason=f"this node {NO_TEACHER} 'run'"), reply_to=sent[1]
+    )
+    # the words alone decide nothing: an error of another kind that quotes them is no lost teacher
+    TaskIdentity.node_id = 3
+    other = Message(
+        Error(code=2, reason=f"ValueError: a message mentioning '{NO_TEACHER}'"), reply_to=sent[2]
+    )
     good = train_reply(1, GLOBAL, 5)
     good.metadata.__dict__["_reply_to_message_id"] = sent[0].metadata.message_id
-    strategy.aggregate_train(1, [good, lost])
-    again = _sent_messages(strategy, [1, 2])
+    strategy.aggregate_train(1, [good, lost, other])
+    again = _sent_messages(strategy, [1, 2, 3])
     strategy.once_per_node.attach(again)
-    assert "teacher" not in again[0].content and "teacher" in again[1].content
+    assert ["teacher" in m.content for m in again] == [False, True, False]
 
 
 def test_a_run_that_aggregated_nothing_is_an_error_naming_the_failures(recorder: RunRecorder) -> None:

@@ -255,7 +255,7 @@ def test_a_shipped_client_kd_teacher_outlives_the_clientapp_and_a_restart(
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedkdlora_app.client_app import _teacher_from_path, frozen_teacher
+    from fedkdlora_app.client_app import NoTeacherError, _teacher_from_path, frozen_teacher
     from fedkdlora_app.config import NodeRun
     from fedkdlora_app.distillation import teacher_records
     from fedkdlora_app.protocol import NO_TEACHER, TEACHER_ID_KEY
@@ -276,5 +276,5 @@ def test_a_shipped_client_kd_teacher_outlives_the_clientapp_and_a_restart(
     for (name, a), b in zip(shipped.state_dict().items(), later.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert not any(p.requires_grad for p in later.parameters())
-    with pytest.raises(RuntimeError, match=f"this node {NO_TEACHER} 'run-b'"):
+    with pytest.raises(NoTeacherError, match=f"this node {NO_TEACHER} 'run-b'"):
         frozen_teacher(train_message("run-b", with_teacher=False), node)
