@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,10 +24,11 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from fedkdlora_app.config import KD_LOSSES, SCHEMES, SERVER_STUDENT_SIGNALS, TASKS
+from fedkdlora_app.config import KD_LOSSES, SCHEMES, SERVER_STUDENT_SIGNALS, TASKS, ConfigError
 from fedkdlora_app.results import ADDED_KEY_DEFAULTS
 from fedkdlora_tools import launcher
-from fedkdlora_tools.report import RunResult, write_report
+from fedkdlora_tools.processes import exit_on_sigterm
+from fedkdlora_tools.report import RunResult, is_centralized, write_report
 
 QUICK_CAPS = {
     "max-train-examples-per-client": 300,
@@ -179,9 +181,9 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 def server_step_variants(args: argparse.Namespace, run: dict[str, Any]) -> list[dict[str, Any]]:
     """A FedKDLoRA run once per `--signals` entry; labels+teacher once per `--kd-losses` entry."""
     variants = []
-    for signal in args.signals:
-        losses = args.kd_losses if signal == "labels+teacher" else ["kl"]
-        variants += [run | {"server-student-signal": signal, "kd-loss": loss} for loss in losses]
+    for student_signal in args.signals:
+        losses = args.kd_losses if student_signal == "labels+teacher" else ["kl"]
+        variants += [run | {"server-student-signal": student_signal, "kd-loss": loss} for loss in losses]
     return variants
 
 
@@ -205,10 +207,6 @@ def centralized(
         "max-train-examples-per-client": cap * args.clients if cap > 0 else 0,
         "centralized-public": with_public,
     }
-
-
-def is_centralized(run: dict[str, Any]) -> bool:
-    return run.get("min-available-nodes") == 1
 
 
 def per_client_cap(args: argparse.Namespace) -> int:
@@ -262,6 +260,7 @@ def run_settings(common: dict[str, Any], run: dict[str, Any], extra: str) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # stop the running simulation's SuperLink too
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or Path("results") / f"compare-{args.task}-{stamp}"
     runs_dir = out / "runs"
@@ -279,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             nodes = 1
             overrides.append(launcher.format_overrides({k: run[k] for k in CENTRALIZED_KEYS}))
         federation = f"num-supernodes={nodes} {args.federation_config}".strip()
-        argv_run = [args.app, "--federation-config", federation]
-        for override in overrides:
-            argv_run += ["--run-config", override]
-        code = launcher.main(argv_run)
-        if code == 2:  # bad settings: every other run would fail the same way
+        try:
+            launcher.simulate(Path(args.app).resolve(), overrides, [federation])
+        except ConfigError as error:  # bad settings: every other run would fail the same way
+            print(f"fedkdlora-compare: {error}", file=sys.stderr)
             return 2
-        if code != 0:
+        except launcher.RunFailed as error:
+            print(f"fedkdlora-compare: {error}", file=sys.stderr)
             failed.append(run)
     results = [RunResult.load(path) for path in sorted(runs_dir.glob("*.json"))]
     completed = [r for r in results if r.data["run"]["status"] == "completed"]

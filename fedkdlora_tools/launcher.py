@@ -91,26 +91,30 @@ def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path, check_fi
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
-    app_dir = Path(args.app).resolve()
-    try:
-        run_config = resolved_run_config(app_dir, args.run_config, Path.cwd())
-    except ConfigError as error:
-        print(f"fedkdlora-run: {error}", file=sys.stderr)
-        return 2
-    temporary_home = args.flwr_home is None
-    flwr_home = Path(tempfile.mkdtemp(prefix="fedkdlora-flwr-")) if temporary_home else Path(args.flwr_home)
+class RunFailed(RuntimeError):
+    """The run started but did not complete; the message gives Flower's status and details."""
+
+
+def simulate(
+    app_dir: Path, overrides: list[str], federation_config: list[str], flwr_home: Path | None = None
+) -> dict[str, Any]:
+    """One run of the app in simulation; returns its resolved overrides (paths absolute).
+
+    Raises ConfigError for bad settings, before anything starts, and RunFailed when the run
+    did not complete (whatever `flwr run` exits with). `flwr_home`: default a fresh
+    temporary folder, removed afterwards.
+    """
+    run_config = resolved_run_config(app_dir, overrides, Path.cwd())
+    temporary_home = flwr_home is None
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedkdlora-flwr-")) if temporary_home else flwr_home
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(flwr_home, local_superlink_ports=True)
     overrides_file = flwr_home / "run-config.toml"
     overrides_file.write_text(tomli_w.dumps(run_config))
     staged = stage_app(app_dir, flwr_home / "app")
     command = ["flwr", "run", str(staged), "--stream", "--run-config", str(overrides_file)]
-    started = time.time()
-    for federation_config in args.federation_config:
-        command += ["--federation-config", federation_config]
+    for federation in federation_config:
+        command += ["--federation-config", federation]
     try:
         submitted = subprocess.run(command, env=env)
         try:
@@ -122,7 +126,22 @@ def main(argv: list[str] | None = None) -> int:
         if temporary_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
     if submitted.returncode != 0 or status != "finished:completed":
-        print(f"fedkdlora-run: run did not complete (status {status}): {details}", file=sys.stderr)
+        raise RunFailed(f"run did not complete (status {status}): {details}")
+    return run_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    started = time.time()
+    flwr_home = Path(args.flwr_home) if args.flwr_home else None
+    try:
+        run_config = simulate(Path(args.app).resolve(), args.run_config, args.federation_config, flwr_home)
+    except ConfigError as error:
+        print(f"fedkdlora-run: {error}", file=sys.stderr)
+        return 2
+    except RunFailed as error:
+        print(f"fedkdlora-run: {error}", file=sys.stderr)
         return 1
     print(f"fedkdlora-run: run completed; results in {run_config['results-dir']}")
     if args.report:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,13 @@ SWEEP_LABELS = {
 }
 # Keys only FedKDLoRA's server step reads: not part of another scheme's label or identity.
 SERVER_STEP_KEYS = ("server-student-signal", "kd-loss")
+
+
+def is_centralized(config: Mapping[str, Any]) -> bool:
+    """A run on one SuperNode holding the whole client pool (`fedkdlora-compare --centralized`):
+    the ceiling of federated runs. The one definition the planner and the report share.
+    """
+    return config.get("min-available-nodes") == 1
 
 
 @dataclass(frozen=True)
@@ -65,9 +73,7 @@ class RunResult:
 
     @property
     def centralized(self) -> bool:
-        """Trained on one SuperNode holding the whole client pool: the ceiling of federated runs."""
-        nodes = [len(r["communication"]["per_node"]) for r in self.data.get("rounds", [])]
-        return max(nodes, default=0) == 1
+        return is_centralized(self.config)
 
     def setting(self, key: str) -> Any:
         """A run-config value; files written before the key existed get the behaviour they had."""

@@ -266,7 +266,7 @@ def test_plot_with_seeds_target_and_ceiling_draws_bands_stars_and_lines(tmp_path
     runs = _load(
         tmp_path,
         [_results("fedlora", [0.5275, 0.6, f], seed=s) for s, f in ((1, 0.7), (2, 0.75))]
-        + [_results("fedlora", [0.5275, 0.8, 0.82], nodes=1)],
+        + [_results("fedlora", [0.5275, 0.8, 0.82], nodes=1, **{"min-available-nodes": 1})],
     )
     drawn: dict[str, list] = {"fill": [], "hline": [], "star": []}
     real_fill, real_hline, real_plot = (
@@ -310,7 +310,7 @@ def test_compare_plans_seeds_and_one_centralized_run_per_lora_setting() -> None:
         ]
     )
     plan = compare.planned_runs(args)
-    central = [r for r in plan if compare.is_centralized(r)]
+    central = [r for r in plan if report.is_centralized(r)]
     # per seed: fedavg, fedlora x 2 variants, fedkdlora x 2 variants, 4 centralized (two per variant)
     assert len(plan) == 2 * 9 and len(central) == 2 * 4
     assert sorted(r["centralized-public"] for r in central) == [False] * 4 + [True] * 4
@@ -329,10 +329,10 @@ def test_compare_plans_seeds_and_one_centralized_run_per_lora_setting() -> None:
         ]
     )
     assert [
-        r["max-train-examples-per-client"] for r in compare.planned_runs(capped) if compare.is_centralized(r)
+        r["max-train-examples-per-client"] for r in compare.planned_runs(capped) if report.is_centralized(r)
     ] == [30] * 6
     only_fedavg = compare.parse_args(["--task", "sst2", "--centralized", "--schemes", "fedavg"])
-    assert not any(compare.is_centralized(r) for r in compare.planned_runs(only_fedavg))
+    assert not any(report.is_centralized(r) for r in compare.planned_runs(only_fedavg))
 
 
 def test_medium_keeps_the_whole_public_slice_and_caps_clients(tmp_path) -> None:
