@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = load_classifier("", 2, attn_implementation=kernel)
         started = time.perf_counter()
-        train_epochs(model, train_loader, config.distill_lr, 1, CPU, linear_decay=True)
+        train_epochs(model, train_loader, config.distill_teacher_lr, 1, CPU, linear_decay=True)
         trained = time.perf_counter()
         evaluate(model, eval_loader, CPU)
         return {"train": trained - started, "evaluate": time.perf_counter() - trained}

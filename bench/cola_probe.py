@@ -112,7 +112,7 @@ def pretrained_teacher(
     teacher = load_classifier(model_dir, 2).float().to(device)
     loader = DictLoader(public, config.batch_size, True, config.seed)
     train_epochs(
-        teacher, loader, config.teacher_lr, config.teacher_pretrain_epochs, device, linear_decay=True
+        teacher, loader, config.teacher_pretrain_lr, config.teacher_pretrain_epochs, device, linear_decay=True
     )
     return teacher
 
@@ -127,13 +127,13 @@ def server_step(
 ) -> None:
     """Teacher alone, then teacher + student mutually, on the public slice (the app's functions)."""
     loader = DictLoader(public, config.batch_size, True, config.seed + round_)
-    train_epochs(teacher, loader, config.distill_lr, config.teacher_epochs, device, linear_decay=True)
+    train_epochs(teacher, loader, config.distill_teacher_lr, config.teacher_epochs, device, linear_decay=True)
     mutual_distill(
         student,
         teacher,
         loader,
         config.distill_student_lr,
-        config.distill_lr,
+        config.distill_teacher_lr,
         config.kd_epochs,
         device,
         "probe",

@@ -123,13 +123,15 @@ def server_step(config: RunConfig, device: torch.device, size: dict, precision: 
     )
 
     def work() -> None:
-        train_epochs(teacher, loader, config.distill_lr, 1, device, linear_decay=True, precision=precision)
+        train_epochs(
+            teacher, loader, config.distill_teacher_lr, 1, device, linear_decay=True, precision=precision
+        )
         mutual_distill(
             kd_student,
             teacher,
             loader,
             config.distill_student_lr,
-            config.distill_lr,
+            config.distill_teacher_lr,
             1,
             device,
             "gpu check",

@@ -40,14 +40,16 @@ def passes(config: RunConfig) -> dict[str, float]:
     torch.manual_seed(0)
     teacher = load_classifier("", config.num_labels, attn_implementation="eager")
     started = time.perf_counter()
-    train_epochs(teacher, public, config.distill_lr, 1, CPU, linear_decay=True)
+    train_epochs(teacher, public, config.distill_teacher_lr, 1, CPU, linear_decay=True)
     seconds["teacher alone"] = time.perf_counter() - started
     student = build_student(config)
     started = time.perf_counter()
-    mutual_distill(student, teacher, public, config.distill_student_lr, config.distill_lr, 1, CPU, "mutual")
+    mutual_distill(
+        student, teacher, public, config.distill_student_lr, config.distill_teacher_lr, 1, CPU, "mutual"
+    )
     seconds["mutual"] = time.perf_counter() - started
     started = time.perf_counter()
-    train_epochs(student, public, config.learning_rate, 1, CPU)
+    train_epochs(student, public, config.client_learning_rate, 1, CPU)
     seconds["LoRA client training"] = time.perf_counter() - started
     dev = loader_for(eval_split(config), config)
     if not config.length_grouped_batches:  # the evaluation order before sorting: file order

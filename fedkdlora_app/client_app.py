@@ -118,7 +118,7 @@ def local_train(
     result = train_epochs(
         model,
         loader,
-        config.learning_rate,
+        config.client_learning_rate,
         config.local_epochs,
         device,
         objective,

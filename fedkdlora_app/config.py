@@ -8,7 +8,7 @@ any model is loaded, and (being hashable) lets per-process caches key on it safe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,25 @@ from fedkdlora_app.errors import ConfigError
 
 SCHEMES = ("fedavg", "fedlora", "fedkdlora")
 TASKS = ("cola", "sst2")
+# Run-config keys renamed to say what they are: old name -> new name. The old names are still
+# accepted, with a one-line notice (`with_current_names`), and results files that use them resume.
+RENAMED_KEYS = {"teacher-lr": "teacher-pretrain-lr", "distill-lr": "distill-teacher-lr"}
+
+
+def with_current_names(
+    values: Mapping[str, Any], notice: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """`values` with each old key name replaced by its new one (the old name's value wins: it was
+    given explicitly over a default); `notice` receives one line per old name used."""
+    current = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        if old in current:
+            current[new] = current.pop(old)
+            if notice is not None:
+                notice(f"run-config key '{old}' is now '{new}'; the old name still works")
+    return current
+
+
 # "seed" is the old name of "contiguous" (the file-order split), still accepted.
 PARTITIONINGS = ("contiguous", "seed", "iid", "dirichlet")
 LORA_AGGREGATIONS = ("naive", "svd")
@@ -79,10 +98,10 @@ class RunConfig:
     teacher_model: str
     teacher_base_model: str
     teacher_pretrain_epochs: int
-    teacher_lr: float
+    teacher_pretrain_lr: float
     teacher_epochs: int
     kd_epochs: int
-    distill_lr: float
+    distill_teacher_lr: float
     distill_student_lr: float
     max_public_examples: int
     client_kd: bool
@@ -111,6 +130,7 @@ class RunConfig:
         SuperNode (which reads its own files, see `NodeRun`) or on a workstation that only
         submits the run.
         """
+        values = with_current_names(values)
         by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(set(values) - set(by_key))
         if unknown:
@@ -140,7 +160,7 @@ class RunConfig:
         return self.scheme == "fedkdlora"
 
     @property
-    def learning_rate(self) -> float:
+    def client_learning_rate(self) -> float:
         """Full fine-tuning and LoRA need learning rates an order of magnitude apart."""
         return self.lora_client_lr if self.uses_lora else self.client_lr
 
@@ -217,8 +237,8 @@ class RunConfig:
         for key, value in (
             ("client-lr", self.client_lr),
             ("lora-client-lr", self.lora_client_lr),
-            ("teacher-lr", self.teacher_lr),
-            ("distill-lr", self.distill_lr),
+            ("teacher-pretrain-lr", self.teacher_pretrain_lr),
+            ("distill-teacher-lr", self.distill_teacher_lr),
             ("distill-student-lr", self.distill_student_lr),
             ("kd-temperature", self.kd_temperature),
             ("dp-clipping-norm", self.dp_clipping_norm),

@@ -140,7 +140,7 @@ class ServerDistillation:
             self.teacher,
             self.public_loader,
             config.distill_student_lr,
-            config.distill_lr,
+            config.distill_teacher_lr,
             config.kd_epochs,
             self.device,
             what=f"round {server_round}: mutual distillation",
@@ -183,7 +183,7 @@ class ServerDistillation:
         return train_epochs(
             self.teacher,
             self.teacher_loader,
-            config.distill_lr,
+            config.distill_teacher_lr,
             config.teacher_epochs,
             self.device,
             linear_decay=True,

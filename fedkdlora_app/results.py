@@ -18,7 +18,7 @@ from typing import Any
 from flwr.common.logger import log
 
 from fedkdlora_app.atomic import atomic_file
-from fedkdlora_app.config import ConfigError, RunConfig, run_dir_of
+from fedkdlora_app.config import ConfigError, RunConfig, run_dir_of, with_current_names
 
 SCHEMA_VERSION = 1
 _PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "datasets", "scikit-learn")
@@ -122,7 +122,7 @@ class RunRecorder:
         """Keep rounds 0..completed_round; a later, unfinished round is started again."""
         self._set_paths(path)
         self.data = json.loads(path.read_text())
-        old, new = self.data["config"], config.to_dict()
+        old, new = with_current_names(self.data["config"]), config.to_dict()
         for key in sorted(set(old) | set(new)):
             before = old.get(key, ADDED_KEY_DEFAULTS.get(key))
             if key not in RESUMABLE_CHANGES and before != new.get(key):

@@ -41,7 +41,7 @@ def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTraine
     result = train_epochs(
         teacher,
         loader,
-        config.teacher_lr,
+        config.teacher_pretrain_lr,
         epochs,
         device,
         linear_decay=True,
@@ -56,7 +56,7 @@ def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTraine
         "public-labelled-pct": config.public_labelled_pct,
         "public-examples": len(public),
         "epochs": config.teacher_pretrain_epochs,
-        "lr": config.teacher_lr,
+        "lr": config.teacher_pretrain_lr,
         "seed": config.seed,
         "train-loss": result.mean_loss,
         "train-seconds": result.seconds,

@@ -24,7 +24,14 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from fedkdlora_app.config import KD_LOSSES, SCHEMES, SERVER_STUDENT_SIGNALS, TASKS, ConfigError
+from fedkdlora_app.config import (
+    KD_LOSSES,
+    SCHEMES,
+    SERVER_STUDENT_SIGNALS,
+    TASKS,
+    ConfigError,
+    with_current_names,
+)
 from fedkdlora_app.results import ADDED_KEY_DEFAULTS
 from fedkdlora_tools import launcher
 from fedkdlora_tools.processes import exit_on_sigterm
@@ -239,7 +246,7 @@ def completed_run(runs_dir: Path, settings: dict[str, Any]) -> Path | None:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        config = data.get("config", {})
+        config = with_current_names(data.get("config", {}))
         if data.get("run", {}).get("status") == "completed" and all(
             config.get(key, ADDED_KEY_DEFAULTS.get(key)) == value for key, value in settings.items()
         ):
@@ -252,7 +259,7 @@ CENTRALIZED_KEYS = ("min-available-nodes", "max-train-examples-per-client", "cen
 
 def run_settings(common: dict[str, Any], run: dict[str, Any], extra: str) -> dict[str, Any]:
     """A run's overrides in the order `main` applies them (a centralized run's keys win); paths left out."""
-    values = common | run | (parse_config_args([extra]) if extra else {})
+    values = common | run | with_current_names(parse_config_args([extra]) if extra else {})
     if is_centralized(run):
         values |= {key: run[key] for key in CENTRALIZED_KEYS}
     return {k: v for k, v in values.items() if k not in launcher.PATH_KEYS}

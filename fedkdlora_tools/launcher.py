@@ -26,7 +26,7 @@ import click
 import tomli_w
 from flwr.common.config import parse_config_args
 
-from fedkdlora_app.config import ConfigError, RunConfig, app_defaults
+from fedkdlora_app.config import ConfigError, RunConfig, app_defaults, with_current_names
 from fedkdlora_tools.flower_cli import flower_env, run_status, stage_app, stop_local_superlink
 from fedkdlora_tools.processes import ProcessError, exit_on_sigterm
 
@@ -83,6 +83,7 @@ def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path, check_fi
         raise ConfigError(
             f"--run-config {' '.join(overrides)!r}: {error} Quote strings: scheme='fedavg'"
         ) from error
+    values = with_current_names(values, notice=lambda line: print(f"fedkdlora-run: {line}", file=sys.stderr))
     for key in PATH_KEYS:
         value = values.get(key, defaults.get(key))
         if value and not Path(value).is_absolute() and (not key.endswith("model") or (cwd / value).exists()):

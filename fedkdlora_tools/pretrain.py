@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir")
     parser.add_argument("--teacher-data-pct", type=float)
     parser.add_argument("--epochs", type=int, dest="teacher_pretrain_epochs")
-    parser.add_argument("--lr", type=float, dest="teacher_lr")
+    parser.add_argument("--lr", type=float, dest="teacher_pretrain_lr")
     parser.add_argument("--base-model", dest="teacher_base_model")
     parser.add_argument("--max-public-examples", type=int)
     parser.add_argument("--max-eval-examples", type=int)

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fedkdlora_app.config import SCHEMES
+from fedkdlora_app.config import SCHEMES, with_current_names
 from fedkdlora_app.results import ADDED_KEY_DEFAULTS, MB
 
 # Run-config keys a comparison may vary, and how a run's label shows them.
@@ -60,7 +60,8 @@ class RunResult:
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.data["config"]
+        """The run-config, keys under their current names (older files may use renamed ones)."""
+        return with_current_names(self.data["config"])
 
     @property
     def task(self) -> str:

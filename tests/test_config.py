@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fedkdlora_app.config import ConfigError, NodeRun, RunConfig
@@ -11,7 +13,11 @@ from tests.helpers import GLUE_DIR, REPO, default_run_config, make_config
 def test_shipped_defaults_are_valid() -> None:
     config = RunConfig.from_mapping(default_run_config())
     assert config.scheme == "fedkdlora" and config.student_layers == 3 and config.teacher_data_pct == 20.0
-    floats = {k: float(v) for k, v in default_run_config().items() if k in ("teacher-data-pct", "teacher-lr")}
+    floats = {
+        k: float(v)
+        for k, v in default_run_config().items()
+        if k in ("teacher-data-pct", "teacher-pretrain-lr")
+    }
     assert config.to_dict() == {**default_run_config(), **floats}
 
 
@@ -70,7 +76,7 @@ def _node(run_overrides: dict, node_config: dict) -> NodeRun:
 
 
 def test_a_node_reads_its_own_data_not_the_servers_path() -> None:
-    """Issue 11: run-config paths name the server's files; a node on another host has its own."""
+    """Run-config paths name the server's files; a node on another host has its own."""
     server_only = {"data-dir": "/srv/only-on-server/glue", "student-model": "/srv/only-on-server/minilm"}
     with pytest.raises(ConfigError, match="'data-dir' = '/srv/only-on-server/glue': no file"):
         RunConfig.from_mapping({**default_run_config(), **server_only})  # the server checks its files
@@ -129,3 +135,32 @@ def test_the_submitting_host_checks_values_but_not_the_servers_files(tmp_path) -
         launcher.resolved_run_config(REPO, overrides, tmp_path)  # fedkdlora-run: this host is the server
     with pytest.raises(ConfigError, match=r"'round-timeout' = 0\.0: must be > 0"):
         launcher.resolved_run_config(REPO, ["round-timeout=0.0"], tmp_path, check_files=False)
+
+
+def test_renamed_keys_keep_their_old_names_with_a_notice_and_old_results_resume(tmp_path, capsys) -> None:
+    """`teacher-lr` is now `teacher-pretrain-lr`, `distill-lr` is `distill-teacher-lr`: the old names
+    are accepted (the launcher says so in one line each), and a results file written with them resumes."""
+    from fedkdlora_app.config import RENAMED_KEYS
+    from fedkdlora_app.results import RunRecorder
+    from fedkdlora_tools.launcher import resolved_run_config
+
+    assert RENAMED_KEYS == {"teacher-lr": "teacher-pretrain-lr", "distill-lr": "distill-teacher-lr"}
+    old = make_config(**{"teacher-lr": 3e-4, "distill-lr": 4e-5})
+    assert (old.teacher_pretrain_lr, old.distill_teacher_lr) == (3e-4, 4e-5)
+    assert old == make_config(**{"teacher-pretrain-lr": 3e-4, "distill-teacher-lr": 4e-5})
+    values = resolved_run_config(REPO, [f"teacher-lr=3e-4 data-dir='{GLUE_DIR}'"], REPO)
+    assert values["teacher-pretrain-lr"] == 3e-4 and "teacher-lr" not in values
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fedkdlora-run: run-config key 'teacher-lr' is now 'teacher-pretrain-lr'; the old name still works"
+    ]
+
+    # a results file from before the rename: its config names the old keys
+    config = make_config(**{"results-dir": str(tmp_path)})
+    recorder = RunRecorder(config)
+    recorder.finish_round(0, {"student": {"accuracy": 0.5, "mcc": 0.0, "loss": 0.7}})
+    data = json.loads(recorder.path.read_text())
+    for old_key, new_key in RENAMED_KEYS.items():
+        data["config"][old_key] = data["config"].pop(new_key)
+    recorder.path.write_text(json.dumps(data))
+    resumed = RunRecorder(make_config(**{"results-dir": str(tmp_path)}), resume=(recorder.path, 0))
+    assert resumed.data["config"]["teacher-pretrain-lr"] == config.teacher_pretrain_lr

@@ -38,7 +38,14 @@ def test_one_distillation_step_moves_lora_and_teacher_but_not_the_frozen_base() 
 
     loader = loader_for(public_slice(config).select(range(8)), config)  # one batch: one step
     terms = mutual_distill(
-        student, teacher, loader, config.distill_student_lr, config.distill_lr, 1, torch.device("cpu"), "test"
+        student,
+        teacher,
+        loader,
+        config.distill_student_lr,
+        config.distill_teacher_lr,
+        1,
+        torch.device("cpu"),
+        "test",
     )
 
     assert set(terms) == {
@@ -105,7 +112,14 @@ def test_fedkdlora_ships_exactly_the_fedlora_state() -> None:
     teacher = load_classifier("", 2, attn_implementation="eager")
     loader = loader_for(public_slice(kd).select(range(8)), kd)  # one step of server-side distillation
     mutual_distill(
-        kd_student, teacher, loader, kd.distill_student_lr, kd.distill_lr, 1, torch.device("cpu"), "test"
+        kd_student,
+        teacher,
+        loader,
+        kd.distill_student_lr,
+        kd.distill_teacher_lr,
+        1,
+        torch.device("cpu"),
+        "test",
     )
     kd_down = shipped_state(kd_student, kd)
     assert any(not torch.equal(kd_down[k], kd_initial[k]) for k in kd_initial)
@@ -236,7 +250,7 @@ def test_teacher_with_another_vocabulary_is_refused(foreign_vocab_teacher) -> No
     [
         ({"kd-epochs": -1}, "'kd-epochs' = -1: must be >= 0"),
         ({"teacher-model": "/no/such/teacher"}, "'teacher-model' = '/no/such/teacher': no model directory"),
-        ({"distill-lr": 0.0}, "'distill-lr' = 0.0: must be > 0"),
+        ({"distill-teacher-lr": 0.0}, "'distill-teacher-lr' = 0.0: must be > 0"),
         ({"distill-student-lr": -1e-3}, "'distill-student-lr' = -0.001: must be > 0"),
         ({"teacher-data-pct": 0.0}, "'teacher-data-pct' = 0.0: fedkdlora needs a public slice"),
         ({"scheme": "fedlora", "client-kd": True}, "'client-kd' = true: needs scheme 'fedkdlora'"),
