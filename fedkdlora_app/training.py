@@ -110,6 +110,8 @@ def train_epochs(
     )
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
     for _ in range(epochs):
+        if stop is not None and stop.is_set():
+            break
         for batch in loader:
             if stop is not None and stop.is_set():
                 break
