@@ -90,12 +90,8 @@ def run_federation(
     eval_loader = loader_for(eval_split(config), config)
     initial_state = checkpoint.global_state if checkpoint else shipped_state(student, config)
     initial_arrays = to_wire(initial_state, config.wire_dtype)
-    data_sizes = {
-        "eval": len(eval_loader.dataset),
-        "public": public_examples,
-        "client-pool": len(client_pool),
-    }
-    record_model_info(config, recorder, student, initial_arrays, data_sizes, device)
+    sizes = (len(eval_loader.dataset), public_examples, len(client_pool))
+    record_model_info(config, recorder, student, initial_arrays, *sizes, device)
     distillation = None
     if config.uses_teacher:
         teacher_state = checkpoint.teacher_state if checkpoint else None
@@ -219,20 +215,21 @@ def record_model_info(
     recorder: RunRecorder,
     student: torch.nn.Module,
     initial_arrays: ArrayRecord,
-    data_sizes: dict[str, int],
+    eval_examples: int,
+    public_examples: int,
+    client_pool_examples: int,
     device: torch.device,
 ) -> None:
-    """What the results JSON says about the models and data (`data_sizes`: eval, public,
-    client-pool examples) before round 1."""
+    """What the results JSON says about the models and data before round 1."""
     recorder.set_model_info(
         student_parameters=sum(p.numel() for p in student.parameters()),
         student_layers=student.config.num_hidden_layers,
         shipped_parameters=payload_params(initial_arrays),
         shipped_bytes_per_message=payload_bytes(initial_arrays),
-        eval_examples=data_sizes["eval"],
-        public_examples=data_sizes["public"],
-        public_labelled_examples=labelled_count(config, data_sizes["public"]),
-        client_pool_examples=data_sizes["client-pool"],
+        eval_examples=eval_examples,
+        public_examples=public_examples,
+        public_labelled_examples=labelled_count(config, public_examples),
+        client_pool_examples=client_pool_examples,
         server_device=str(device),
     )
     if config.uses_dp:
