@@ -28,11 +28,15 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Two workers: much of a Flower test is waiting (process start-up, heartbeats, timeouts), so two
+# share 2 cores well; tests that share a built fixture stay in one worker (tests/conftest.py).
+PYTEST := $(PY) -m pytest -n 2 --dist loadgroup
+
 test: lint
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-full: lint
-	$(PY) -m pytest
+	$(PYTEST)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

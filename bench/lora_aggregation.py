@@ -21,6 +21,7 @@ from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.config import RunConfig, app_defaults
 from fedkdlora_app.models import build_student, shipped_state
+from fedkdlora_app.protocol import NUM_EXAMPLES_KEY
 from fedkdlora_app.wire import to_wire
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,14 +53,14 @@ def main() -> None:
                     aggregator = UpdateAggregator(method, wire, 16.0, rank)
                     contents = [
                         RecordDict(
-                            {"arrays": to_wire(s, wire), "metrics": MetricRecord({"num-examples": 100})}
+                            {"arrays": to_wire(s, wire), "metrics": MetricRecord({NUM_EXAMPLES_KEY: 100})}
                         )
                         for s in states
                     ]
                     seconds = []
                     for _ in range(args.repeats):
                         started = time.perf_counter()
-                        aggregator(contents, "arrays", "num-examples")
+                        aggregator(contents, "arrays", NUM_EXAMPLES_KEY)
                         seconds.append(time.perf_counter() - started)
                     size = payload_bytes(contents[0]["arrays"])
                     median = statistics.median(seconds)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedkdlora_app.results_format import load
+
 REPO = Path(__file__).resolve().parents[1]
 KEPT = REPO / "docs" / "evidence" / "sst2-quick" / "runs"
 
@@ -31,7 +33,7 @@ def comparable(entry: dict) -> dict:
 def kept_runs() -> dict[str, tuple[Path, dict]]:
     picked = {}
     for path in sorted(KEPT.glob("*.json")):
-        run = json.loads(path.read_text())
+        run = load(path)
         config = run["config"]
         if config["seed"] != 42 or config["min-available-nodes"] == 1:
             continue
@@ -55,7 +57,7 @@ def main() -> int:
         nodes = f"num-supernodes={config['min-available-nodes']}"
         command = [sys.executable, "-m", "fedkdlora_tools.launcher", str(REPO), "--run-config", overrides]
         subprocess.run([*command, "--federation-config", nodes], cwd=REPO, check=True, capture_output=True)
-        after = json.loads(sorted(out.glob("*.json"))[-1].read_text())
+        after = load(sorted(out.glob("*.json"))[-1])
         pairs = zip(before["rounds"], after["rounds"], strict=True)
         same = [comparable(a) == comparable(b) for a, b in pairs]
         same_everywhere &= all(same)

@@ -30,6 +30,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fedkdlora_app.results_format import load  # noqa: E402
 from fedkdlora_tools import launcher  # noqa: E402
 
 ROLES = {"server": "flwr-simulation", "client": "ClientAppActor"}
@@ -88,7 +89,7 @@ def measure(clients: int, per_client: int, args: argparse.Namespace, out_dir: Pa
     sampler.stop.set()
     sampler.join()
     [path] = sorted(results_dir.glob("*.json"))
-    rounds = json.loads(path.read_text())["rounds"][1:]
+    rounds = load(path)["rounds"][1:]
     steady = rounds[1:] or rounds
     return {
         "clients": clients,
@@ -99,10 +100,10 @@ def measure(clients: int, per_client: int, args: argparse.Namespace, out_dir: Pa
         "round_seconds": [round(r["wall_seconds"], 1) for r in rounds],
         "median_round_seconds": round(statistics.median(r["wall_seconds"] for r in steady), 1),
         "median_server_step_seconds": _median(steady, "distillation", "seconds"),
-        "median_teacher_alone_seconds": _median(steady, "distillation", "teacher-seconds"),
-        "median_mutual_seconds": _median(steady, "distillation", "mutual-seconds"),
-        "median_client_train_seconds_sum": _median(steady, "clients", "train", "train-seconds-sum"),
-        "median_client_train_seconds_max": _median(steady, "clients", "train", "train-seconds-max"),
+        "median_teacher_alone_seconds": _median(steady, "distillation", "teacher_seconds"),
+        "median_mutual_seconds": _median(steady, "distillation", "mutual_seconds"),
+        "median_client_train_seconds_sum": _median(steady, "clients", "train", "train_seconds_sum"),
+        "median_client_train_seconds_max": _median(steady, "clients", "train", "train_seconds_max"),
         "peak_rss_mib": {role: round(v / 2**20) for role, v in sampler.peak.items()},
         "processes": sampler.processes,
         "results": str(path),

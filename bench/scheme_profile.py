@@ -10,20 +10,21 @@ and for FedKDLoRA the server distillation's seconds and share of the round.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from statistics import mean
 
+from fedkdlora_app.results_format import load
+
 
 def profile(path: Path) -> dict:
-    data = json.loads(path.read_text())
+    data = load(path)
     # round 0 is set-up, round 1 includes model loading in every worker; skip rounds with no update
     rounds = [r for r in data["rounds"][2:] if "train" in r["clients"]]
     train = [r["clients"]["train"] for r in rounds]
     row = {
         "run": data["run"]["name"],
-        "client examples/s": mean(t["num-examples"] / t["train-seconds-sum"] for t in train),
+        "client examples/s": mean(t["num_examples"] / t["train_seconds_sum"] for t in train),
         "round s": mean(r["wall_seconds"] for r in rounds),
     }
     if data["config"]["scheme"] == "fedkdlora":

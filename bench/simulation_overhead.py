@@ -29,6 +29,7 @@ from fedkdlora_app.client_app import local_evaluate, local_train
 from fedkdlora_app.config import RunConfig, app_defaults
 from fedkdlora_app.data import eval_split, loader_for
 from fedkdlora_app.models import build_student, load_shipped_state, shipped_state
+from fedkdlora_app.results_format import load
 from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.training import evaluate
 from fedkdlora_app.wire import to_wire
@@ -73,7 +74,7 @@ def simulated(args: argparse.Namespace, values: dict) -> tuple[list[float], floa
     total = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"simulation failed (exit {code})")
-    results = json.loads(next(Path(values["results-dir"]).glob("*.json")).read_text())
+    results = load(next(Path(values["results-dir"]).glob("*.json")))
     return [r["wall_seconds"] for r in results["rounds"][1:]], total, results
 
 

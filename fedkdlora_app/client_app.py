@@ -222,9 +222,9 @@ def train(message: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             NUM_EXAMPLES_KEY: result.dataset_size,
-            "train-loss": result.mean_loss,
-            "train-seconds": result.seconds,
-            "train-examples-seen": result.examples_seen,
+            "train_loss": result.mean_loss,
+            "train_seconds": result.seconds,
+            "train_examples_seen": result.examples_seen,
         }
     )
     content = RecordDict(

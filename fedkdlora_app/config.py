@@ -64,27 +64,36 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """All run-config keys; pyproject.toml holds the defaults and their meaning."""
+    """All run-config keys, in the groups and order of pyproject.toml, which holds the defaults and
+    their meaning (`tests/test_config.py` checks that the two agree)."""
 
+    # --- Scheme and task
     scheme: str
     task: str
-    data_dir: str
     num_server_rounds: int
+    seed: int
+    # --- Student and LoRA
     student_model: str
     student_layers: int
     lora_r: int
     lora_alpha: int
     lora_dropout: float
     lora_target_modules: str
+    # --- LoRA variants and the wire
     lora_aggregation: str
     lora_freeze_a: bool
     lora_r_by_partition: str
     wire_dtype: str
+    # --- Client training
     local_epochs: int
     client_lr: float
     lora_client_lr: float
     batch_size: int
+    length_grouped_batches: bool
     max_seq_length: int
+    precision: str
+    # --- Data, partitions and sampling
+    data_dir: str
     teacher_data_pct: float
     partitioning: str
     dirichlet_alpha: float
@@ -93,8 +102,8 @@ class RunConfig:
     min_available_nodes: int
     max_train_examples_per_client: int
     max_eval_examples: int
-    seed: int
-    results_dir: str
+    centralized_public: bool
+    # --- FedKDLoRA server step: teacher, public slice, mutual distillation (ignored by fedavg / fedlora)
     teacher_model: str
     teacher_base_model: str
     teacher_pretrain_epochs: int
@@ -104,22 +113,23 @@ class RunConfig:
     distill_teacher_lr: float
     distill_student_lr: float
     max_public_examples: int
+    public_labelled_pct: float
+    server_student_signal: str
+    kd_loss: str
+    server_step_overlap: bool
+    # --- Client KD (FedKDLoRA): clients also distil from a frozen copy of the pre-trained teacher
     client_kd: bool
     kd_alpha: float
     kd_temperature: float
+    # --- Central differential privacy: Flower's fixed-clipping wrappers around the strategy
     dp_noise_multiplier: float
     dp_clipping_norm: float
     dp_clipping: str
+    # --- Run control: results, resume, timeouts, progress
+    results_dir: str
     resume_from: str
     round_timeout: float
-    precision: str
     progress_interval: float
-    server_step_overlap: bool
-    length_grouped_batches: bool
-    server_student_signal: str
-    kd_loss: str
-    public_labelled_pct: float
-    centralized_public: bool
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], check_files: bool = True) -> RunConfig:

@@ -59,10 +59,10 @@ def placement(device: torch.device, started: float) -> dict[str, str | int | flo
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return {
         "device": str(device),
-        "ray-gpu-ids": ",".join(ids) if ids is not None else "",
-        "cuda-visible-devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "ray_gpu_ids": ",".join(ids) if ids is not None else "",
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "pid": os.getpid(),
-        "peak-accelerator-memory-bytes": int(peak),
+        "peak_accelerator_memory_bytes": int(peak),
         "started": started,
         "finished": time.time(),
     }

@@ -154,15 +154,15 @@ class ServerDistillation:
         self.recorder.set_distillation(
             server_round,
             {
-                "teacher-train-loss": teacher_result.mean_loss,
-                "last-step": terms,
+                "teacher_train_loss": teacher_result.mean_loss,
+                "last_step": terms,
                 "seconds": teacher_result.seconds + mutual_seconds,
-                "teacher-seconds": teacher_result.seconds,
-                "mutual-seconds": mutual_seconds,
+                "teacher_seconds": teacher_result.seconds,
+                "mutual_seconds": mutual_seconds,
                 "overlapped": overlapped,
                 # what the round waited for after aggregation: the rest ran during client training
-                "critical-path-seconds": on_critical_path,
-                "teacher-wait-seconds": waited if overlapped else 0.0,
+                "critical_path_seconds": on_critical_path,
+                "teacher_wait_seconds": waited if overlapped else 0.0,
             },
         )
         log(

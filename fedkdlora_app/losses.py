@@ -38,11 +38,11 @@ class MutualKDTerms:
     def as_dict(self) -> dict[str, float]:
         return {
             "loss": float(self.loss.detach()),
-            "ce-student": self.ce_student,
-            "ce-teacher": self.ce_teacher,
-            "kl-teacher-student": self.kl_teacher_student,
-            "kl-student-teacher": self.kl_student_teacher,
-            "attention-mse": self.attention_mse,
+            "ce_student": self.ce_student,
+            "ce_teacher": self.ce_teacher,
+            "kl_teacher_student": self.kl_teacher_student,
+            "kl_student_teacher": self.kl_student_teacher,
+            "attention_mse": self.attention_mse,
         }
 
 

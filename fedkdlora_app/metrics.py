@@ -18,6 +18,8 @@ from sklearn.metrics import confusion_matrix, matthews_corrcoef
 if TYPE_CHECKING:  # the learning code imports this module without Flower (bench/gpu_check.py)
     from flwr.app import MetricRecord, RecordDict
 
+from fedkdlora_app.protocol import NUM_EXAMPLES_KEY
+
 COUNT_KEYS = ("tn", "fp", "fn", "tp")
 
 
@@ -57,14 +59,14 @@ class EvalCounts:
             "loss": self.loss_sum / n,
             "accuracy": (self.tp + self.tn) / n,
             "mcc": float(mcc),
-            "num-examples": n,
+            NUM_EXAMPLES_KEY: n,
             **{k: getattr(self, k) for k in COUNT_KEYS},
         }
 
     @classmethod
     def from_metrics(cls, metrics: MetricRecord) -> EvalCounts:
         return cls(
-            float(metrics["loss"]) * int(metrics["num-examples"]),
+            float(metrics["loss"]) * int(metrics[NUM_EXAMPLES_KEY]),
             *(int(metrics[k]) for k in COUNT_KEYS),
         )
 
@@ -90,12 +92,12 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> 
     total = sum(weights)
     return MetricRecord(
         {
-            "train-loss": sum(float(m["train-loss"]) * w for m, w in zip(all_metrics, weights, strict=True))
+            "train_loss": sum(float(m["train_loss"]) * w for m, w in zip(all_metrics, weights, strict=True))
             / total,
             weighted_by_key: total,
-            "train-seconds-max": max(float(m["train-seconds"]) for m in all_metrics),
-            "train-seconds-sum": sum(float(m["train-seconds"]) for m in all_metrics),
+            "train_seconds_max": max(float(m["train_seconds"]) for m in all_metrics),
+            "train_seconds_sum": sum(float(m["train_seconds"]) for m in all_metrics),
             # the clients' progress: examples trained on, over all epochs
-            "train-examples-seen": sum(int(m.get("train-examples-seen", 0)) for m in all_metrics),
+            "train_examples_seen": sum(int(m.get("train_examples_seen", 0)) for m in all_metrics),
         }
     )

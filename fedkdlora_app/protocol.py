@@ -23,7 +23,7 @@ PLACEMENT_KEY = "placement"
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 SERVER_ROUND_KEY = "server-round"
-NUM_EXAMPLES_KEY = "num-examples"
+NUM_EXAMPLES_KEY = "num_examples"
 METRICS_KEY = "metrics"
 
 # The shipped state (`models.shipped_state`, encoded by `wire.to_wire`): PEFT's state-dict

@@ -1,4 +1,4 @@
-"""The results JSON of a run, and the one-line summary logged per round.
+"""The results JSON of a run (its layout: `results_format`), and the one-line summary logged per round.
 
 The file is rewritten atomically after every round, so an interrupted run keeps every
 round it completed and the file never holds half a JSON document.
@@ -19,8 +19,20 @@ from flwr.common.logger import log
 
 from fedkdlora_app.atomic import atomic_file
 from fedkdlora_app.config import ConfigError, RunConfig, run_dir_of, with_current_names
+from fedkdlora_app.results_format import (
+    SCHEMA_VERSION,
+    Aggregation,
+    Distillation,
+    EvalMetrics,
+    Health,
+    Placement,
+    ResultsDocument,
+    Round,
+    TeacherInfo,
+    TrainMetrics,
+    load,
+)
 
-SCHEMA_VERSION = 1
 _PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "datasets", "scikit-learn")
 MB = 1e6
 # Keys a resumed run may change: where to resume from, and how many rounds in all.
@@ -64,12 +76,12 @@ def run_name(config: RunConfig, started: datetime) -> str:
     return f"{config.scheme}_{config.task}_{rank}_{started.strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def placement_summary(entry: dict[str, Any]) -> str:
+def placement_summary(entry: Round) -> str:
     """`cpu x2`, or `cuda x4 (GPU ids 0,1)`: where the round's training ran, for the log line."""
     trained = [node["train"] for node in entry.get("placement", {}).values() if "train" in node]
     devices = sorted({p["device"] for p in trained})
     parts = [f"{device} x{sum(p['device'] == device for p in trained)}" for device in devices]
-    gpu_ids = sorted({gpu for p in trained for gpu in str(p["ray-gpu-ids"]).split(",") if gpu})
+    gpu_ids = sorted({gpu for p in trained for gpu in str(p["ray_gpu_ids"]).split(",") if gpu})
     return ", ".join(parts) + (f" (GPU ids {','.join(gpu_ids)})" if gpu_ids else "")
 
 
@@ -99,7 +111,7 @@ class RunRecorder:
             suffix += 1
             name = f"{run_name(config, started)}-{suffix}"
         self._set_paths(results_dir / f"{name}.json")
-        self.data: dict[str, Any] = {
+        self.data: ResultsDocument = {
             "schema_version": SCHEMA_VERSION,
             "run": {
                 "name": name,
@@ -121,7 +133,7 @@ class RunRecorder:
     def _resume(self, config: RunConfig, path: Path, completed_round: int) -> None:
         """Keep rounds 0..completed_round; a later, unfinished round is started again."""
         self._set_paths(path)
-        self.data = json.loads(path.read_text())
+        self.data = load(path)  # an older layout is upgraded: the file is rewritten in this one
         old, new = with_current_names(self.data["config"]), config.to_dict()
         for key in sorted(set(old) | set(new)):
             before = old.get(key, ADDED_KEY_DEFAULTS.get(key))
@@ -159,12 +171,12 @@ class RunRecorder:
         self.run_dir = run_dir_of(path)
 
     # --- per-round bookkeeping -------------------------------------------------------
-    def round(self, server_round: int) -> dict[str, Any]:
+    def round(self, server_round: int) -> Round:
         """The entry of `server_round`, created on first use."""
         for entry in self.data["rounds"]:
             if entry["round"] == server_round:
                 return entry
-        entry = {
+        entry: Round = {
             "round": server_round,
             "wall_seconds": None,
             "server": {},
@@ -201,7 +213,7 @@ class RunRecorder:
     def add_failure(self, server_round: int, stage: str, node_id: int, reason: str) -> None:
         self.round(server_round)["failures"].append({"stage": stage, "node_id": node_id, "reason": reason})
 
-    def set_placement(self, server_round: int, stage: str, node_id: int, placement: dict[str, Any]) -> None:
+    def set_placement(self, server_round: int, stage: str, node_id: int, placement: Placement) -> None:
         """Where node `node_id` computed this round's `stage` (`devices.placement`)."""
         self.round(server_round).setdefault("placement", {}).setdefault(str(node_id), {})[stage] = placement
 
@@ -228,17 +240,17 @@ class RunRecorder:
         shown = "; ".join(" ".join(f.split())[:300] for f in failures[:examples])
         return f"{len(failures)} failure(s) recorded" + (f", e.g. {shown}" if shown else "")
 
-    def set_distillation(self, server_round: int, distillation: dict[str, Any]) -> None:
+    def set_distillation(self, server_round: int, distillation: Distillation) -> None:
         self.round(server_round)["distillation"] = distillation
 
-    def set_aggregation(self, server_round: int, report: dict[str, Any]) -> None:
+    def set_aggregation(self, server_round: int, report: Aggregation) -> None:
         """How the round's updates were combined (svd: rank and truncation error)."""
         self.round(server_round)["aggregation"] = report
 
-    def set_client_metrics(self, server_round: int, stage: str, metrics: dict[str, Any]) -> None:
+    def set_client_metrics(self, server_round: int, stage: str, metrics: TrainMetrics | EvalMetrics) -> None:
         self.round(server_round)["clients"][stage] = metrics
 
-    def finish_round(self, server_round: int, server_metrics: dict[str, dict[str, Any]]) -> None:
+    def finish_round(self, server_round: int, server_metrics: dict[str, EvalMetrics]) -> None:
         """Close a round with the server-side metrics (last step of a round), log, write."""
         entry = self.round(server_round)
         entry["server"] = server_metrics
@@ -251,7 +263,7 @@ class RunRecorder:
         log(INFO, "%s", self.summary_line(entry))
         self.write()
 
-    def summary_line(self, entry: dict[str, Any]) -> str:
+    def summary_line(self, entry: Round) -> str:
         parts = [f"[round {entry['round']}/{self.num_rounds}]"]
         for role, metrics in entry["server"].items():
             mcc = f" mcc {metrics['mcc']:.4f}" if self.data["config"]["task"] == "cola" else ""
@@ -270,7 +282,7 @@ class RunRecorder:
         self.data["model"].update(info)
         self.write()
 
-    def set_teacher_info(self, info: dict[str, Any]) -> None:
+    def set_teacher_info(self, info: TeacherInfo) -> None:
         """What the teacher was pre-trained on, and its dev metrics then."""
         self.data["teacher"] = info
         self.write()
@@ -279,7 +291,7 @@ class RunRecorder:
         self.data["artifacts"].update(artifacts)
         self._close("completed", None)
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> Health:
         """For `run.health` and the last log line: rounds that aggregated nothing, failures recorded."""
         rounds = [entry for entry in self.data["rounds"] if entry["round"] > 0]
         return {

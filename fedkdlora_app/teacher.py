@@ -26,6 +26,7 @@ from fedkdlora_app.models import (
     load_tokenizer,
 )
 from fedkdlora_app.progress import phase_progress
+from fedkdlora_app.results_format import snake_keys
 from fedkdlora_app.training import evaluate, train_epochs
 
 TEACHER_INFO = "fedkdlora_teacher.json"
@@ -51,15 +52,15 @@ def pretrain_teacher(config: RunConfig, device: torch.device) -> tuple[PreTraine
     )
     info = {
         "task": config.task,
-        "base-model": config.teacher_base_model or EMBEDDED_MODEL_NAME,
-        "teacher-data-pct": config.teacher_data_pct,
-        "public-labelled-pct": config.public_labelled_pct,
-        "public-examples": len(public),
+        "base_model": config.teacher_base_model or EMBEDDED_MODEL_NAME,
+        "teacher_data_pct": config.teacher_data_pct,
+        "public_labelled_pct": config.public_labelled_pct,
+        "public_examples": len(public),
         "epochs": config.teacher_pretrain_epochs,
         "lr": config.teacher_pretrain_lr,
         "seed": config.seed,
-        "train-loss": result.mean_loss,
-        "train-seconds": result.seconds,
+        "train_loss": result.mean_loss,
+        "train_seconds": result.seconds,
         "dev": evaluate(teacher, loader_for(eval_split(config), config), device, config.precision).metrics(),
     }
     return teacher, info
@@ -69,16 +70,18 @@ def load_teacher(config: RunConfig) -> tuple[PreTrainedModel, dict[str, Any]]:
     """A teacher saved by `save_teacher`, checked against this run's task and public slice."""
     check_same_tokenizer(config.student_model, config.teacher_model, "teacher-model")
     info_path = Path(config.teacher_model) / TEACHER_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    # a record written before the results layout became snake_case has kebab-case keys
+    info = snake_keys(json.loads(info_path.read_text())) if info_path.is_file() else {}
     for key, expected in (
         ("task", config.task),
         ("teacher-data-pct", config.teacher_data_pct),
         ("public-labelled-pct", config.public_labelled_pct),
     ):
-        if key in info and info[key] != expected:
+        recorded = info.get(key.replace("-", "_"), expected)
+        if recorded != expected:
             raise ConfigError(
                 f"run-config key 'teacher-model' = '{config.teacher_model}': pre-trained with {key} "
-                f"{info[key]!r}, this run has {expected!r}"
+                f"{recorded!r}, this run has {expected!r}"
             )
     teacher = load_classifier(config.teacher_model, config.num_labels, attn_implementation="eager")
     return teacher, info

@@ -15,7 +15,6 @@ a score (see `report.py`).
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from datetime import datetime, timezone
@@ -33,6 +32,7 @@ from fedkdlora_app.config import (
     with_current_names,
 )
 from fedkdlora_app.results import ADDED_KEY_DEFAULTS
+from fedkdlora_app.results_format import load
 from fedkdlora_tools import launcher
 from fedkdlora_tools.processes import exit_on_sigterm
 from fedkdlora_tools.report import RunResult, is_centralized, write_report
@@ -243,7 +243,7 @@ def completed_run(runs_dir: Path, settings: dict[str, Any]) -> Path | None:
     """A completed results JSON in `runs_dir` whose config has every one of `settings`."""
     for path in sorted(runs_dir.glob("*.json")):
         try:
-            data = json.loads(path.read_text())
+            data = load(path)
         except (OSError, ValueError):
             continue
         config = with_current_names(data.get("config", {}))

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     save_teacher(teacher, info, config, args.out)
     dev = info["dev"]
     print(
-        f"teacher ({info['base-model']}, {info['public-examples']} public {config.task} examples, "
-        f"{config.teacher_pretrain_epochs} epoch(s), {info['train-seconds']:.0f} s): dev accuracy "
+        f"teacher ({info['base_model']}, {info['public_examples']} public {config.task} examples, "
+        f"{config.teacher_pretrain_epochs} epoch(s), {info['train_seconds']:.0f} s): dev accuracy "
         f"{dev['accuracy']:.4f}, MCC {dev['mcc']:.4f}, loss {dev['loss']:.4f} -> {args.out}"
     )
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,8 +13,10 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from fedkdlora_app import results_format
 from fedkdlora_app.config import SCHEMES, with_current_names
 from fedkdlora_app.results import ADDED_KEY_DEFAULTS, MB
+from fedkdlora_app.results_format import ResultsDocument
 
 # Run-config keys a comparison may vary, and how a run's label shows them.
 SWEEP_LABELS = {
@@ -47,13 +48,11 @@ class RunResult:
     """One results JSON, with the series the report needs."""
 
     path: Path
-    data: dict[str, Any]
+    data: ResultsDocument
 
     @classmethod
     def load(cls, path: Path) -> RunResult:
-        data = json.loads(path.read_text())
-        if "rounds" not in data or "config" not in data:
-            raise ValueError(f"{path}: not a fedkdlora results JSON (no 'rounds'/'config')")
+        data = results_format.load(path)  # an older layout is read in the current one
         if not any("student" in r["server"] for r in data["rounds"]):
             raise ValueError(f"{path}: the run has no evaluated round yet")
         return cls(path, data)
@@ -140,10 +139,10 @@ class RunResult:
         if metric == "mcc":
             return 0.0
         first = self.finished_rounds[0]["server"]["student"]
-        if not all(k in first for k in ("tp", "fn", "num-examples")):
+        if not all(k in first for k in ("tp", "fn", "num_examples")):
             return None
         positives = first["tp"] + first["fn"]
-        return max(positives, first["num-examples"] - positives) / first["num-examples"]
+        return max(positives, first["num_examples"] - positives) / first["num_examples"]
 
     def summary(self) -> dict[str, Any]:
         _, acc = self.series("student", "accuracy")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
+
+TESTS = Path(__file__).resolve().parent
 
 # The user's home is never read or written: every cache, Hugging Face and Flower folder of this
 # process and of every process it starts (Flower, Ray, SuperNodes) lies in a temporary home.
@@ -29,6 +32,24 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "slow: deployments and multi-node runs; `make test` leaves them out, `make test-full` runs them",
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n 2 --dist loadgroup` (the Makefile's), tests sharing an expensive fixture of
+    this suite run in one worker, so it is built once: the users of a session fixture form one
+    group, those of a module fixture one group per module."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        scopes = {
+            name: defs[-1].scope
+            for name, defs in (info.name2fixturedefs.items() if info else [])
+            if Path(inspect.getfile(defs[-1].func)).parent == TESTS and name != "test_home"
+        }
+        session = sorted(name for name, scope in scopes.items() if scope == "session")
+        if session:
+            item.add_marker(pytest.mark.xdist_group(session[0]))
+        elif "module" in scopes.values():
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ test file imports from another.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkdlora_app.config import RunConfig, app_defaults
+from fedkdlora_app.results_format import load
 
 REPO = Path(__file__).resolve().parents[1]
 # The fixture every test reads unless it is about the full files (tests/data/glue/SOURCES.md).
@@ -126,7 +126,7 @@ def train_reply(node_id: int, arrays: ArrayRecord | list[np.ndarray], num_exampl
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
     TaskIdentity.node_id = node_id
-    metrics = MetricRecord({"num-examples": num_examples, "train-loss": 0.5, "train-seconds": 1.0})
+    metrics = MetricRecord({"num_examples": num_examples, "train_loss": 0.5, "train_seconds": 1.0})
     record = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
     return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)
 
@@ -142,4 +142,4 @@ def simulate(results_dir: Path, federation: str = "", **overrides: Any) -> tuple
     argv = [str(REPO), "--run-config", launcher.format_overrides(values)]
     code = launcher.main(argv + (["--federation-config", federation] if federation else []))
     files = sorted(results_dir.glob("*.json"))
-    return code, (json.loads(files[-1].read_text()) if files else None)
+    return code, (load(files[-1]) if files else None)

@@ -32,7 +32,7 @@ def test_weighted_average_matches_hand_computation(recorder: RunRecorder) -> Non
     np.testing.assert_allclose(result[0], [(30 * 1 + 10 * 5) / 40, (30 * 2 + 10 * 10) / 40])
     np.testing.assert_allclose(result[1], [[(30 * 3 - 10 * 1) / 40]])
     assert result[0].dtype == np.float32
-    assert metrics["num-examples"] == 40
+    assert metrics["num_examples"] == 40
     comm = recorder.round(1)["communication"]
     assert comm["up_bytes"] == payload_bytes(ArrayRecord(a)) + payload_bytes(ArrayRecord(b))
     assert comm["per_node"]["11"]["up_bytes"] == payload_bytes(ArrayRecord(a))
@@ -79,7 +79,7 @@ class EchoGrid:
                     {
                         "arrays": ArrayRecord(update),
                         "metrics": MetricRecord(
-                            {"num-examples": 10, "train-loss": 0.5, "train-seconds": 1.0}
+                            {"num_examples": 10, "train_loss": 0.5, "train_seconds": 1.0}
                         ),
                     }
                 )
@@ -130,11 +130,11 @@ def test_client_mcc_comes_from_summed_confusion_counts() -> None:
         EvalCounts.from_predictions(float(len(y)), y, p) for y, p in zip(labels, predictions, strict=True)
     ]
     replies = [RecordDict({"metrics": MetricRecord(c.metrics())}) for c in per_client]
-    combined = aggregate_evaluate_metrics(replies, "num-examples")
+    combined = aggregate_evaluate_metrics(replies, "num_examples")
     all_labels, all_predictions = np.concatenate(labels), np.concatenate(predictions)
     assert combined["mcc"] == pytest.approx(matthews_corrcoef(all_labels, all_predictions), abs=1e-12)
     assert combined["accuracy"] == pytest.approx(np.mean(all_labels == all_predictions))
-    assert combined["num-examples"] == 65 and combined["loss"] == pytest.approx(1.0)
+    assert combined["num_examples"] == 65 and combined["loss"] == pytest.approx(1.0)
     weighted_mean_mcc = sum(c.metrics()["mcc"] * c.num_examples for c in per_client) / 65
     assert combined["mcc"] != pytest.approx(weighted_mean_mcc, abs=1e-6)
 
@@ -201,7 +201,7 @@ def test_bad_updates_are_dropped_and_recorded(recorder, bad_arrays, num_examples
     )
     result = [array.numpy() for array in arrays.values()]
     np.testing.assert_array_equal(result[0], [3.0, 3.0])  # the good update alone
-    assert metrics["num-examples"] == 5
+    assert metrics["num_examples"] == 5
     [failure] = recorder.round(1)["failures"]
     assert failure["node_id"] == 2 and failure["stage"] == "train"
     assert failure["reason"].startswith("rejected update: ") and problem in failure["reason"]
@@ -265,7 +265,7 @@ def test_a_node_silent_past_the_round_timeout_is_a_recorded_failure(recorder: Ru
     reply = train_reply(1, GLOBAL, 5)
     reply.metadata.__dict__["_reply_to_message_id"] = sent[0].metadata.message_id
     arrays, metrics = strategy.aggregate_train(1, [reply])
-    assert arrays is not None and metrics["num-examples"] == 5
+    assert arrays is not None and metrics["num_examples"] == 5
     assert recorder.round(1)["failures"] == [
         {"stage": "train", "node_id": 2, "reason": "no reply within round-timeout = 30.0 s"}
     ]

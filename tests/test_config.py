@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 
 import pytest
 
@@ -164,3 +166,22 @@ def test_renamed_keys_keep_their_old_names_with_a_notice_and_old_results_resume(
     recorder.path.write_text(json.dumps(data))
     resumed = RunRecorder(make_config(**{"results-dir": str(tmp_path)}), resume=(recorder.path, 0))
     assert resumed.data["config"]["teacher-pretrain-lr"] == config.teacher_pretrain_lr
+
+
+def test_run_config_declares_the_keys_in_pyprojects_groups_and_order() -> None:
+    """A reader finds a key in the same group in `RunConfig` and in pyproject.toml's config table."""
+
+    def groups(lines: list[str], comment: str, key: str) -> list[tuple[str, list[str]]]:
+        found: list[tuple[str, list[str]]] = []
+        for line in lines:
+            if line.strip().startswith(comment):
+                found.append((line.strip().removeprefix(comment).strip(), []))
+            elif match := re.match(key, line):
+                found[-1][1].append(match.group(1).replace("_", "-"))
+        return found
+
+    table = (REPO / "pyproject.toml").read_text().split("[tool.flwr.app.config]\n")[1].split("\n[")[0]
+    source = inspect.getsource(RunConfig).split("@classmethod")[0].splitlines()
+    pyproject = groups(table.splitlines(), "# ---", r"([a-z0-9-]+) = ")
+    in_code = groups(source, "# ---", r"    ([a-z0-9_]+): ")
+    assert len(pyproject) == 9 and in_code == pyproject

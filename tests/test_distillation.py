@@ -50,13 +50,13 @@ def test_one_distillation_step_moves_lora_and_teacher_but_not_the_frozen_base() 
 
     assert set(terms) == {
         "loss",
-        "ce-student",
-        "ce-teacher",
-        "kl-teacher-student",
-        "kl-student-teacher",
-        "attention-mse",
+        "ce_student",
+        "ce_teacher",
+        "kl_teacher_student",
+        "kl_student_teacher",
+        "attention_mse",
     }
-    assert all(v >= 0 for v in terms.values()) and terms["attention-mse"] > 0
+    assert all(v >= 0 for v in terms.values()) and terms["attention_mse"] > 0
     shipped_after = shipped_state(student, config)
     assert any(not torch.equal(shipped_before[k], shipped_after[k]) for k in shipped_before if "lora_" in k)
     assert any(not torch.equal(teacher_before[n], p) for n, p in teacher.named_parameters())
@@ -172,7 +172,7 @@ def test_pretrain_command_writes_a_teacher_a_run_accepts(tmp_path, capsys) -> No
     printed = capsys.readouterr().out
     assert "dev accuracy" in printed and str(out) in printed
     info = json.loads((out / TEACHER_INFO).read_text())
-    assert info["task"] == "sst2" and info["public-examples"] == 16 and info["dev"]["num-examples"] == 16
+    assert info["task"] == "sst2" and info["public_examples"] == 16 and info["dev"]["num_examples"] == 16
     teacher, _ = load_teacher(_kd_config(**{"teacher-model": str(out)}))
     assert teacher.config.num_hidden_layers == 6
     with pytest.raises(ConfigError, match=r"'teacher-model' = .*pre-trained with task 'sst2'"):
@@ -205,14 +205,14 @@ def test_build_teacher_pretrains_when_none_is_given() -> None:
     teacher, info = build_teacher(config, cpu)
     torch.manual_seed(0)  # the same draw of the fresh head: the teacher before pre-training
     base = load_classifier(config.teacher_base_model, 2, attn_implementation="eager")
-    assert info["public-examples"] == 16 and info["epochs"] == 1
+    assert info["public_examples"] == 16 and info["epochs"] == 1
     assert teacher.config.num_hidden_layers == 6
     trained, untrained = teacher.state_dict(), base.state_dict()
     assert trained.keys() == untrained.keys()
     assert [k for k in untrained if torch.equal(trained[k], untrained[k])] == []  # full fine-tuning
 
     dev = loader_for(eval_split(config), config)
-    assert info["dev"] == evaluate(teacher, dev, cpu).metrics() and info["dev"]["num-examples"] == 16
+    assert info["dev"] == evaluate(teacher, dev, cpu).metrics() and info["dev"]["num_examples"] == 16
     assert info["dev"]["loss"] != evaluate(base, dev, cpu).metrics()["loss"]
     public = loader_for(public_slice(config), config)
     assert evaluate(teacher, public, cpu).metrics()["loss"] < evaluate(base, public, cpu).metrics()["loss"]

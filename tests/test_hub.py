@@ -210,7 +210,7 @@ def test_distilbert_student_distils_from_the_12_layer_bert_through_the_6_to_12_m
 
     before = {k: v.clone() for k, v in shipped_state(student, config).items()}
     terms = mutual_distill(student, teacher, loader, 1e-3, 1e-3, 1, torch.device("cpu"), "test")
-    assert math.isfinite(terms["attention-mse"]) and terms["attention-mse"] > 0
+    assert math.isfinite(terms["attention_mse"]) and terms["attention_mse"] > 0
     after = shipped_state(student, config)
     for module in ("pre_classifier", "classifier", "q_lin.lora_B", "v_lin.lora_B"):
         assert any(not torch.equal(before[k], after[k]) for k in before if f"{module}." in k), module
@@ -244,17 +244,17 @@ def test_the_networked_recipe_runs_offline_bert_to_distilbert_on_hub_glue(offlin
     hub_run = {**PAIR_RUN, "data-dir": "", "teacher-base-model": TEACHER_ID, "student-model": STUDENT_ID}
     code, results = simulate(tmp_path, **hub_run)
     assert code == 0, results and results["run"]["error"]
-    assert results["teacher"]["base-model"] == TEACHER_ID and results["model"]["student_layers"] == 6
+    assert results["teacher"]["base_model"] == TEACHER_ID and results["model"]["student_layers"] == 6
     tsv = _pair_config(pair, **{"results-dir": str(tmp_path)})
     _, pool = public_and_pool(load_split(tsv, "train"), tsv.teacher_data_pct)
     assert results["model"]["client_pool_examples"] == len(pool) == 402  # the fixture: 502 rows, 100 public
     assert results["model"]["eval_examples"] == len(eval_split(tsv)) == 32
-    assert results["teacher"]["public-examples"] == len(public_slice(tsv)) == 16
+    assert results["teacher"]["public_examples"] == len(public_slice(tsv)) == 16
     clients = results["rounds"][1]["clients"]
-    assert clients["train"]["num-examples"] == sum(len(client_train_partition(tsv, i, 2)) for i in range(2))
-    assert clients["evaluate"]["num-examples"] == 32
-    terms = results["rounds"][1]["distillation"]["last-step"]
-    assert math.isfinite(terms["attention-mse"]) and terms["attention-mse"] > 0
+    assert clients["train"]["num_examples"] == sum(len(client_train_partition(tsv, i, 2)) for i in range(2))
+    assert clients["evaluate"]["num_examples"] == 32
+    terms = results["rounds"][1]["distillation"]["last_step"]
+    assert math.isfinite(terms["attention_mse"]) and terms["attention_mse"] > 0
     # the student ships adapter + head only, each way
     shipped = payload_bytes(ArrayRecord(shipped_state(build_student(tsv, attn_implementation="eager"), tsv)))
     assert results["model"]["shipped_bytes_per_message"] == shipped
@@ -281,5 +281,5 @@ def test_pretrain_command_reads_hub_glue_when_data_dir_is_empty(offline, tmp_pat
     code = pretrain_main(argv)
     assert code == 0, capsys.readouterr().err
     info = json.loads((out / TEACHER_INFO).read_text())
-    assert info["base-model"] == TEACHER_ID and info["public-examples"] == 16
-    assert info["dev"]["num-examples"] == 16
+    assert info["base_model"] == TEACHER_ID and info["public_examples"] == 16
+    assert info["dev"]["num_examples"] == 16

@@ -79,7 +79,7 @@ def aggregate(method: str, rank: int, states, counts, wire_dtype: str = "float32
         train_reply(i + 1, to_wire(s, wire_dtype), n)
         for i, (s, n) in enumerate(zip(states, counts, strict=True))
     ]
-    arrays, report = aggregator([r.content for r in replies], "arrays", "num-examples")
+    arrays, report = aggregator([r.content for r in replies], "arrays", "num_examples")
     return from_wire(arrays, wire_dtype), report
 
 
@@ -288,9 +288,9 @@ def test_an_update_the_aggregation_cannot_use_is_dropped_not_fatal(recorder, met
     problem = problems[method]
     assert arrays is not None
     if problem is None:  # svd takes lower ranks: both updates are averaged
-        assert metrics["num-examples"] == 40 and recorder.round(1)["failures"] == []
+        assert metrics["num_examples"] == 40 and recorder.round(1)["failures"] == []
         return
-    assert metrics["num-examples"] == 30  # the good update alone
+    assert metrics["num_examples"] == 30  # the good update alone
     [failure] = recorder.round(1)["failures"]
     assert failure["node_id"] == 2 and failure["reason"].startswith("rejected update: ")
     assert problem in failure["reason"], failure["reason"]
@@ -305,5 +305,5 @@ def test_a_factor_whose_other_dimension_differs_from_the_sent_one_is_dropped(rec
     arrays, metrics = strategy.aggregate_train(
         1, [_lora_reply(1, {}, 30), train_reply(2, to_wire(bad, "float32"), 10)]
     )
-    assert arrays is not None and metrics["num-examples"] == 30
+    assert arrays is not None and metrics["num_examples"] == 30
     assert "are [4, 9] and [6, 4], sent as [4, 5] and [6, 4]" in recorder.round(1)["failures"][0]["reason"]

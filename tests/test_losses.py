@@ -83,11 +83,11 @@ def test_mutual_kd_loss_matches_hand_computation() -> None:
     assert terms.as_dict() == pytest.approx(
         {
             "loss": expected,
-            "ce-student": ce_s,
-            "ce-teacher": ce_t,
-            "kl-teacher-student": kl_ts,
-            "kl-student-teacher": kl_st,
-            "attention-mse": att,
+            "ce_student": ce_s,
+            "ce_teacher": ce_t,
+            "kl_teacher_student": kl_ts,
+            "kl_student_teacher": kl_st,
+            "attention_mse": att,
         }
     )
     terms.loss.backward()  # mutual: each model gets gradients (from its own terms)

@@ -90,10 +90,10 @@ def test_eight_clients_at_half_a_gpu_over_four_logical_gpus_two_at_a_time(tmp_pa
     for stages in placement.values():
         for where in stages.values():
             assert where["device"] == "cpu"  # no CUDA here: Ray's logical GPUs are ids only
-            assert where["ray-gpu-ids"] in {"0", "1", "2", "3"}
-            assert where["cuda-visible-devices"] == where["ray-gpu-ids"]  # as the process sees it
-            spans[where["ray-gpu-ids"]].append((where["started"], where["finished"]))
-            actors[where["ray-gpu-ids"]].add(where["pid"])
+            assert where["ray_gpu_ids"] in {"0", "1", "2", "3"}
+            assert where["cuda_visible_devices"] == where["ray_gpu_ids"]  # as the process sees it
+            spans[where["ray_gpu_ids"]].append((where["started"], where["finished"]))
+            actors[where["ray_gpu_ids"]].add(where["pid"])
     working_actors = min(8, (os.cpu_count() or 1) + 4)
     assert len(spans) >= min(4, math.ceil(working_actors / 2)), dict(actors)
     for gpu, intervals in spans.items():

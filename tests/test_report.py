@@ -9,6 +9,7 @@ import pytest
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from fedkdlora_app.results_format import SCHEMA_VERSION
 from fedkdlora_tools import compare, launcher, report
 from tests.helpers import GLUE_DIR, REPO, default_run_config, tiny_models
 
@@ -85,10 +86,10 @@ def test_compare_runs_fedlora_and_both_ceilings_reports_them_and_continues_where
     for run in central.values():
         assert run["config"]["max-train-examples-per-client"] == 32  # 2 clients x 16
         assert len(run["rounds"][1]["communication"]["per_node"]) == 1
-    assert central[False]["rounds"][1]["clients"]["train"]["num-examples"] == 32
-    assert central[True]["rounds"][1]["clients"]["train"]["num-examples"] == 32 + 24  # + the public slice
+    assert central[False]["rounds"][1]["clients"]["train"]["num_examples"] == 32
+    assert central[True]["rounds"][1]["clients"]["train"]["num_examples"] == 32 + 24  # + the public slice
     for run in federated.values():  # 2 x 16: the same pool size
-        assert run["rounds"][1]["clients"]["train"]["num-examples"] == 32
+        assert run["rounds"][1]["clients"]["train"]["num_examples"] == 32
 
     table = (out / "comparison.md").read_text()
     for label in ("centralized (fedlora)", "centralized + public (fedlora)", "fedlora"):
@@ -131,7 +132,7 @@ def _results(scheme: str, scores: list[float], seed: int = 42, nodes: int = 4, *
     rounds = []
     for index, score in enumerate(scores):
         correct = round(score * 400)
-        student = {"accuracy": score, "mcc": score - 0.5, "loss": 1 - score, "num-examples": 400}
+        student = {"accuracy": score, "mcc": score - 0.5, "loss": 1 - score, "num_examples": 400}
         student |= {"tp": min(correct, 211), "fn": 211 - min(correct, 211)}
         rounds.append(
             {
@@ -147,7 +148,7 @@ def _results(scheme: str, scores: list[float], seed: int = 42, nodes: int = 4, *
         )
     cfg = default_run_config() | {"scheme": scheme, "task": "sst2", "seed": seed} | config
     run = {"status": "completed", "wall_seconds_total": 100.0 + seed, "started_at": f"2026-01-01T00:{seed}"}
-    return {"config": cfg, "run": run, "rounds": rounds}
+    return {"schema_version": SCHEMA_VERSION, "config": cfg, "run": run, "rounds": rounds}
 
 
 def _load(tmp_path: Path, runs: list[dict]) -> list[report.RunResult]:

@@ -123,7 +123,7 @@ def test_same_seed_same_metrics_and_resume_matches(uninterrupted, tmp_path) -> N
     assert resume["after_round"] == completed and resume["previous_status"] == "running"
     expected = _with_teacher_shipped_again(_rounds(uninterrupted), completed + 1, teacher_message_bytes(**KD))
     _assert_same_rounds(_rounds(resumed), expected)
-    assert resumed["rounds"][-1]["distillation"]["last-step"]  # the comparison covered the server step
+    assert resumed["rounds"][-1]["distillation"]["last_step"]  # the comparison covered the server step
     assert Path(resumed["artifacts"]["teacher"], "config.json").is_file()
 
     # resuming a finished run with no rounds left just saves its models again

@@ -63,8 +63,8 @@ def test_overlapping_the_teacher_phase_gives_the_sequential_result_bit_for_bit(t
     assert all(torch.equal(a, b) for a, b in zip(seq_student, ovl_student, strict=True))
     assert all(torch.equal(seq_teacher[k], ovl_teacher[k]) for k in seq_teacher)
     assert seq_terms[1] is None and ovl_terms[1] is None  # no server step without an aggregate
-    assert seq_terms[2]["last-step"] == ovl_terms[2]["last-step"]
-    assert seq_terms[2]["teacher-train-loss"] == ovl_terms[2]["teacher-train-loss"]
+    assert seq_terms[2]["last_step"] == ovl_terms[2]["last_step"]
+    assert seq_terms[2]["teacher_train_loss"] == ovl_terms[2]["teacher_train_loss"]
     assert (seq_terms[2]["overlapped"], ovl_terms[2]["overlapped"]) == (False, True)
 
 
@@ -74,8 +74,8 @@ def test_a_half_labelled_public_slice_trains_the_teacher_on_the_labelled_half(tm
     )
     recorder = RunRecorder(config)
     distillation = ServerDistillation(config, build_student(config), torch.device("cpu"), recorder)
-    assert recorder.data["teacher"]["public-examples"] == 8
-    assert recorder.data["teacher"]["public-labelled-pct"] == 50.0
+    assert recorder.data["teacher"]["public_examples"] == 8
+    assert recorder.data["teacher"]["public_labelled_pct"] == 50.0
     assert len(distillation.teacher_loader.dataset) == 8
     labels = [distillation.public_loader.dataset[i]["labels"] for i in range(16)]
     assert labels[:8] == [distillation.teacher_loader.dataset[i]["labels"] for i in range(8)]

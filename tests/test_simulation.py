@@ -50,15 +50,15 @@ def test_every_round_is_reported_with_finite_metrics(runs, scheme: str) -> None:
     assert [r["round"] for r in results["rounds"]] == list(range(ROUNDS + 1))
     for entry in results["rounds"]:
         server = entry["server"]["student"]
-        assert server["num-examples"] == 64
+        assert server["num_examples"] == 64
         for key in ("loss", "accuracy", "mcc"):
             assert math.isfinite(server[key]), (entry["round"], key)
         assert entry["wall_seconds"] > 0 and entry["failures"] == []
     for entry in results["rounds"][1:]:
         clients = entry["clients"]
         # the two clients' eval shards tile the server's eval subset
-        assert clients["evaluate"]["num-examples"] == 64
-        assert clients["train"]["num-examples"] == 2 * 32
+        assert clients["evaluate"]["num_examples"] == 64
+        assert clients["train"]["num_examples"] == 2 * 32
         comm = entry["communication"]
         assert len(comm["per_node"]) == 2
         assert comm["up_bytes"] == 2 * model_message_bytes(**overrides)  # one update per node, sized apart
@@ -137,10 +137,10 @@ def test_fedkdlora_with_client_kd_reports_teacher_and_student_every_round(client
     fedlora_bytes = model_message_bytes(**{**overrides, "scheme": "fedlora", "client-kd": False})
     assert results["model"]["shipped_bytes_per_message"] == fedlora_bytes
     for entry in results["rounds"][1:]:
-        terms = entry["distillation"]["last-step"]
-        assert set(terms) >= {"ce-student", "ce-teacher", "kl-teacher-student", "attention-mse"}
+        terms = entry["distillation"]["last_step"]
+        assert set(terms) >= {"ce_student", "ce_teacher", "kl_teacher_student", "attention_mse"}
         assert all(math.isfinite(v) for v in terms.values())
-        assert entry["clients"]["train"]["num-examples"] == 2 * 32
+        assert entry["clients"]["train"]["num_examples"] == 2 * 32
         comm = entry["communication"]  # two nodes: one update up, a train and an evaluate message down
         assert comm["up_bytes"] == 2 * fedlora_bytes
         assert comm["down_bytes_train"] == comm["down_bytes_evaluate"] == 2 * fedlora_bytes

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import re
 import signal
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from fedkdlora_app.results_format import load
 from fedkdlora_tools.deployment.hosts import (
     NETNS_MAX_SUPERNODES,
     NETNS_SUPERLINK,
@@ -363,7 +363,7 @@ class LocalDeployment:
         status, details = self.wait(run_id, timeout - (time.monotonic() - started))
         seconds = time.monotonic() - started
         new = sorted(set(results_dir.glob("*.json")) - before)
-        results = json.loads(new[-1].read_text()) if new else None
+        results = load(new[-1]) if new else None
         return RunOutcome(run_id, status, details, seconds, new[-1] if new else None, results)
 
     def log_tails(self, lines: int = 25) -> str:

@@ -20,7 +20,7 @@ from fedkdlora_tools.deployment.partitions import config_with, export_partition
 from fedkdlora_tools.processes import ManagedProcess, ProcessError, wait_until
 
 # What the scenario report keeps of each round's server step (rounds[].distillation).
-SERVER_STEP_KEYS = ("seconds", "critical-path-seconds", "teacher-seconds", "mutual-seconds", "overlapped")
+SERVER_STEP_KEYS = ("seconds", "critical_path_seconds", "teacher_seconds", "mutual_seconds", "overlapped")
 
 
 def wait_for_train_messages(process: ManagedProcess, count: int, timeout: float) -> None:
