@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedkdlora_app.config import RunConfig
@@ -122,10 +122,19 @@ class UpdateAggregator:
     wire_dtype: str = "float32"
     lora_alpha: float = 16.0
     rank: int = 8  # the global rank the server keeps
+    # Under DP every update counts the same: one client then moves the mean by at most
+    # clipping norm / clients, the sensitivity the noise is calibrated to (`privacy.py`).
+    uniform_weights: bool = False
 
     @classmethod
     def from_config(cls, config: RunConfig) -> UpdateAggregator:
-        return cls(config.lora_aggregation, config.wire_dtype, float(config.lora_alpha), config.lora_r)
+        return cls(
+            method=config.lora_aggregation,
+            wire_dtype=config.wire_dtype,
+            lora_alpha=float(config.lora_alpha),
+            rank=config.lora_r,
+            uniform_weights=config.uses_dp,
+        )
 
     @property
     def rank_may_differ(self) -> bool:
@@ -142,11 +151,12 @@ class UpdateAggregator:
         states = [from_wire(content.array_records[arrays_key], self.wire_dtype) for content in contents]
         pairs = lora_pairs(states[0]) if self.method == "svd" else {}
         lora_keys = {key for pair in pairs.values() for key in pair}
+        equal_weight = {"metrics": MetricRecord({weighted_by_key: 1})}
         records = [
             RecordDict(
                 {
                     arrays_key: ArrayRecord({k: v for k, v in state.items() if k not in lora_keys}),
-                    **content.metric_records,
+                    **(equal_weight if self.uniform_weights else content.metric_records),
                 }
             )
             for state, content in zip(states, contents, strict=True)
@@ -154,7 +164,8 @@ class UpdateAggregator:
         mean = aggregate_arrayrecords(records, weighted_by_key).to_torch_state_dict()
         report = None
         if pairs:
-            weights = example_weights(contents, weighted_by_key)
+            equal = [1.0 / len(states)] * len(states)
+            weights = equal if self.uniform_weights else example_weights(contents, weighted_by_key)
             mean, report = self._svd_mean(states, weights, pairs, mean)
         ordered = {key: mean[key] for key in states[0]}  # keep the shipped key order
         return to_wire(ordered, self.wire_dtype), report

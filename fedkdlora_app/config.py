@@ -125,6 +125,8 @@ class RunConfig:
     dp_noise_multiplier: float
     dp_clipping_norm: float
     dp_clipping: str
+    dp_delta: float
+    dp_target_epsilon: float
     # --- Run control: results, resume, timeouts, progress
     results_dir: str
     resume_from: str
@@ -308,6 +310,12 @@ class RunConfig:
         if self.dp_noise_multiplier < 0:
             raise ConfigError(
                 f"run-config key 'dp-noise-multiplier' = {self.dp_noise_multiplier}: must be >= 0"
+            )
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"run-config key 'dp-delta' = {self.dp_delta}: must be in (0, 1)")
+        if self.dp_target_epsilon < 0:
+            raise ConfigError(
+                f"run-config key 'dp-target-epsilon' = {self.dp_target_epsilon}: must be >= 0 (0 = no limit)"
             )
         for key, value, default in (
             ("lora-aggregation", self.lora_aggregation, "naive"),

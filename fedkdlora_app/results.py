@@ -56,6 +56,8 @@ ADDED_KEY_DEFAULTS = {
     "kd-loss": "kl",
     "public-labelled-pct": 100.0,
     "centralized-public": False,
+    "dp-delta": 1e-5,
+    "dp-target-epsilon": 0.0,
 }
 
 
@@ -243,6 +245,15 @@ class RunRecorder:
     def set_distillation(self, server_round: int, distillation: Distillation) -> None:
         self.round(server_round)["distillation"] = distillation
 
+    def set_epsilon(self, server_round: int, epsilon: float) -> None:
+        """The run's ε after this round under DP (at `dp-delta`; it grows with each noised aggregate)."""
+        self.round(server_round)["epsilon"] = epsilon
+
+    def stop_early(self, reason: str) -> None:
+        """The run ends before `num-server-rounds`, for `reason` (e.g. its privacy budget)."""
+        self.data["run"]["stop_reason"] = reason
+        self.write()
+
     def set_aggregation(self, server_round: int, report: Aggregation) -> None:
         """How the round's updates were combined (svd: rank and truncation error)."""
         self.round(server_round)["aggregation"] = report
@@ -270,6 +281,8 @@ class RunRecorder:
             parts.append(f"{role} acc {metrics['accuracy']:.4f} loss {metrics['loss']:.4f}{mcc}")
         comm = entry["communication"]
         parts.append(f"up {comm['up_bytes'] / MB:.2f} MB down {comm['down_bytes'] / MB:.2f} MB")
+        if "epsilon" in entry:
+            parts.append(f"ε {entry['epsilon']:.3f} (δ {self.data['config']['dp-delta']:g})")
         if devices := placement_summary(entry):
             parts.append(f"clients on {devices}")
         if entry["failures"]:

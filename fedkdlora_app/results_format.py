@@ -40,6 +40,7 @@ class RunInfo(TypedDict):
     wall_seconds_total: float | None
     resumes: list[Resume]
     health: NotRequired[Health]
+    stop_reason: NotRequired[str]  # a run that ended before num-server-rounds (its privacy budget)
 
 
 class Privacy(TypedDict):
@@ -48,6 +49,10 @@ class Privacy(TypedDict):
     clipping_norm: float
     sampled_clients: int
     noise_std: float
+    delta: float
+    target_epsilon: float
+    accountant: str
+    weights: str
 
 
 class ModelInfo(TypedDict, total=False):
@@ -173,6 +178,7 @@ class Round(TypedDict):
     aggregated_updates: NotRequired[int]
     distillation: NotRequired[Distillation]
     aggregation: NotRequired[Aggregation]
+    epsilon: NotRequired[float]  # DP: the run's ε after this round, at model.privacy.delta
 
 
 class Artifacts(TypedDict, total=False):

@@ -34,17 +34,18 @@ from fedkdlora_app.models import (
     save_student,
     shipped_state,
 )
+from fedkdlora_app.privacy import (
+    PrivacyBudgetReached,
+    check_privacy_budget,
+    kept_releases,
+    privacy_info,
+    private_strategy,
+)
 from fedkdlora_app.progress import phase_progress
 from fedkdlora_app.protocol import TEACHER_ID_KEY
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
-from fedkdlora_app.strategy import (
-    ContinuedRounds,
-    ServerStep,
-    TrackedFedAvg,
-    privacy_info,
-    private_strategy,
-)
+from fedkdlora_app.strategy import ContinuedRounds, ServerStep, TrackedFedAvg
 from fedkdlora_app.teacher import save_teacher
 from fedkdlora_app.training import evaluate
 from fedkdlora_app.wire import from_wire, to_wire
@@ -56,6 +57,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, then run; a failure is recorded in the results JSON and re-raised."""
     config = RunConfig.from_mapping(context.run_config)
+    check_privacy_budget(config)
     checkpoint = None
     if config.resume_from:
         checkpoint = Checkpoint.load(run_dir_of(Path(config.resume_from)))
@@ -104,18 +106,23 @@ def run_federation(
         strategy = build_strategy(config, recorder, distillation, len(client_pool))
         # With client KD every train message names the teacher, so a node can find its cached copy.
         train_config = ConfigRecord({TEACHER_ID_KEY: distillation.teacher_id} if config.client_kd else {})
-        result = ContinuedRounds(strategy, completed_rounds).start(
-            grid=grid,
-            initial_arrays=initial_arrays,
-            num_rounds=config.num_server_rounds - completed_rounds,
-            timeout=config.round_timeout,
-            train_config=train_config,
-            evaluate_fn=RoundCloser(config, recorder, student, eval_loader, device, distillation, checkpoint),
-        )
+        closer = RoundCloser(config, recorder, student, eval_loader, device, distillation, checkpoint)
+        try:
+            result = ContinuedRounds(strategy, completed_rounds).start(
+                grid=grid,
+                initial_arrays=initial_arrays,
+                num_rounds=config.num_server_rounds - completed_rounds,
+                timeout=config.round_timeout,
+                train_config=train_config,
+                evaluate_fn=closer,
+            )
+            # Result.arrays is an empty record when no round produced an aggregate.
+            final_arrays = result.arrays if len(result.arrays) else initial_arrays
+            load_shipped_state(student, from_wire(final_arrays, config.wire_dtype), config)
+        except PrivacyBudgetReached as stop:  # the student holds the last round's global model (RoundCloser)
+            log(INFO, "FedKDLoRA: %s", stop)
+            recorder.stop_early(str(stop))
         check_something_aggregated(recorder, completed_rounds)
-        # Result.arrays is an empty record when no round produced an aggregate.
-        final_arrays = result.arrays if len(result.arrays) else initial_arrays
-        load_shipped_state(student, from_wire(final_arrays, config.wire_dtype), config)
         recorder.finish(save_models(config, recorder, student, distillation))
     finally:
         if distillation is not None:
@@ -142,7 +149,7 @@ def build_strategy(
     """Each scheme's strategy, inside out (`run_federation` wraps it in `ContinuedRounds`):
 
     - FedAvg and FedLoRA: `TrackedFedAvg`; they differ only in the state they ship;
-    - with DP: Flower's DP wrapper around it (`private_strategy`);
+    - with DP: Flower's DP wrapper around it, with the run's privacy ledger (`private_strategy`);
     - FedKDLoRA: `ServerStep` around that, so under DP it distils the noised aggregate.
     """
     strategy: Strategy = TrackedFedAvg(
@@ -159,7 +166,7 @@ def build_strategy(
         min_available_nodes=config.min_available_nodes,
     )
     if config.uses_dp:
-        strategy = private_strategy(strategy, config)
+        strategy = private_strategy(strategy, config, kept_releases(recorder.data["rounds"]))
     if distillation is not None:
         strategy = ServerStep(
             strategy,

@@ -2,7 +2,7 @@
 
 How the pieces stack, inside out: `TrackedFedAvg` (FedAvg + update screen + the run's
 `UpdateAggregator`, naive or SVD) -> optionally Flower's fixed-clipping DP wrapper
-(`private_strategy`) -> optionally `ServerStep` (FedKDLoRA's distillation on the
+(`privacy.private_strategy`) -> optionally `ServerStep` (FedKDLoRA's distillation on the
 aggregate). The bookkeeping lives in `bookkeeping.py`.
 """
 
@@ -16,17 +16,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
-    Strategy,
-)
-from flwr.supercore.differential_privacy import compute_stdv
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.bookkeeping import NodeRanks, OncePerNode, RoundLedger, UpdateScreen
-from fedkdlora_app.config import RunConfig
 from fedkdlora_app.metrics import aggregate_evaluate_metrics, aggregate_train_metrics
 from fedkdlora_app.protocol import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES_KEY
 from fedkdlora_app.results import RunRecorder
@@ -218,65 +211,3 @@ class ContinuedRounds(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
-
-
-class _TrackedPrivacy:
-    """What this project adds to Flower's DP wrappers, as a mixin before them in the MRO.
-
-    Flower's wrappers skip a round's aggregation when any reply failed, without calling
-    the inner strategy; the failures are then recorded here.
-    """
-
-    strategy: TrackedFedAvg
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        if any(reply.has_error() for reply in replies):
-            self.strategy.ledger.settle(server_round, "train", replies)
-            log(WARNING, "round %d: DP aggregation skipped: a sampled client failed", server_round)
-        return super().aggregate_train(server_round, replies)
-
-
-class TrackedServerSideClippingDP(_TrackedPrivacy, DifferentialPrivacyServerSideFixedClipping):
-    """Flower's central DP, clipping each update on the server."""
-
-
-class TrackedClientSideClippingDP(_TrackedPrivacy, DifferentialPrivacyClientSideFixedClipping):
-    """Flower's central DP, updates clipped by the clients' `fixedclipping_mod`."""
-
-
-DP_WRAPPERS = {"server": TrackedServerSideClippingDP, "client": TrackedClientSideClippingDP}
-
-
-def private_strategy(strategy: TrackedFedAvg, config: RunConfig) -> Strategy:
-    """`strategy` inside Flower's fixed-clipping DP wrapper the run config asks for.
-
-    The noise's standard deviation is multiplier x clipping norm / sampled clients; the
-    sampled clients are taken as `min-available-nodes` x `fraction-train`.
-    """
-    return DP_WRAPPERS[config.dp_clipping](
-        strategy,
-        config.dp_noise_multiplier,
-        config.dp_clipping_norm,
-        dp_sampled_clients(config),
-    )
-
-
-def dp_sampled_clients(config: RunConfig) -> int:
-    """The cohort size the DP noise is calibrated for (FedAvg samples this many of the nodes)."""
-    return max(1, int(config.min_available_nodes * config.fraction_train))
-
-
-def privacy_info(config: RunConfig) -> dict[str, Any]:
-    """The DP settings for the results JSON: the Flower wrapper and the noise it adds."""
-    sampled = dp_sampled_clients(config)
-    flower_wrapper = DP_WRAPPERS[config.dp_clipping].__bases__[1]
-    return {
-        "mechanism": flower_wrapper.__name__,
-        "noise_multiplier": config.dp_noise_multiplier,
-        "clipping_norm": config.dp_clipping_norm,
-        "sampled_clients": sampled,
-        "noise_std": compute_stdv(config.dp_noise_multiplier, config.dp_clipping_norm, sampled),
-    }

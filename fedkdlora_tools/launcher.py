@@ -27,6 +27,7 @@ import tomli_w
 from flwr.common.config import parse_config_args
 
 from fedkdlora_app.config import ConfigError, RunConfig, app_defaults, with_current_names
+from fedkdlora_app.privacy import check_privacy_budget
 from fedkdlora_tools.flower_cli import flower_env, run_status, stage_app, stop_local_superlink
 from fedkdlora_tools.processes import ProcessError, exit_on_sigterm
 
@@ -88,7 +89,7 @@ def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path, check_fi
         value = values.get(key, defaults.get(key))
         if value and not Path(value).is_absolute() and (not key.endswith("model") or (cwd / value).exists()):
             values[key] = str((cwd / value).resolve())
-    RunConfig.from_mapping({**defaults, **values}, check_files=check_files)
+    check_privacy_budget(RunConfig.from_mapping({**defaults, **values}, check_files=check_files))
     return values
 
 

@@ -13,8 +13,9 @@ from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.config import ConfigError
 from fedkdlora_app.lora import delta_weight, fit_rank, lora_pairs
 from fedkdlora_app.models import build_student, shipped_state
+from fedkdlora_app.privacy import TrackedServerSideClippingDP
 from fedkdlora_app.results import RunRecorder
-from fedkdlora_app.strategy import ServerStep, TrackedFedAvg, TrackedServerSideClippingDP
+from fedkdlora_app.strategy import ServerStep, TrackedFedAvg
 from fedkdlora_app.wire import from_wire, to_wire
 from tests.helpers import make_config, train_reply
 
