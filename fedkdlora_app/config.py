@@ -45,6 +45,7 @@ PRECISIONS = ("float32", "bfloat16")
 # What reaches the student in FedKDLoRA's server step: the public labels, the teacher, or both.
 SERVER_STUDENT_SIGNALS = ("labels+teacher", "labels", "teacher")
 KD_LOSSES = ("kl", "original")
+TRACKINGS = ("", "mlflow", "tensorboard")
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -127,11 +128,14 @@ class RunConfig:
     dp_clipping: str
     dp_delta: float
     dp_target_epsilon: float
-    # --- Run control: results, resume, timeouts, progress
+    # --- Run control: results, resume, timeouts, progress, tracking
     results_dir: str
     resume_from: str
     round_timeout: float
     progress_interval: float
+    tracking: str
+    tracking_uri: str
+    tracking_experiment: str
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], check_files: bool = True) -> RunConfig:
@@ -228,6 +232,7 @@ class RunConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("server-student-signal", self.server_student_signal, SERVER_STUDENT_SIGNALS)
         _check_choice("kd-loss", self.kd_loss, KD_LOSSES)
+        _check_choice("tracking", self.tracking, TRACKINGS)
         for key, value, low in (
             ("num-server-rounds", self.num_server_rounds, 1),
             ("lora-r", self.lora_r, 1),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from logging import INFO
@@ -29,14 +30,22 @@ from fedkdlora_app.results_format import (
     ResultsDocument,
     Round,
     TeacherInfo,
+    TrackingInfo,
     TrainMetrics,
     load,
 )
+from fedkdlora_app.tracking import KEYS as TRACKING_KEYS
 
 _PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "datasets", "scikit-learn")
 MB = 1e6
 # Keys a resumed run may change: where to resume from, and how many rounds in all.
-RESUMABLE_CHANGES = ("resume-from", "num-server-rounds", "progress-interval", "server-step-overlap")
+RESUMABLE_CHANGES = (
+    "resume-from",
+    "num-server-rounds",
+    "progress-interval",
+    "server-step-overlap",
+    *TRACKING_KEYS,
+)
 # Run-config keys added after the first results were written, with the behaviour runs had before.
 ADDED_KEY_DEFAULTS = {
     "lora-aggregation": "naive",
@@ -58,6 +67,9 @@ ADDED_KEY_DEFAULTS = {
     "centralized-public": False,
     "dp-delta": 1e-5,
     "dp-target-epsilon": 0.0,
+    "tracking": "",
+    "tracking-uri": "",
+    "tracking-experiment": "",
 }
 
 
@@ -96,6 +108,7 @@ class RunRecorder:
         self._elapsed_before = 0.0
         self.num_rounds = config.num_server_rounds
         self._round_started: dict[int, float] = {}
+        self.round_listeners: list[Callable[[Round], None]] = []  # told of each closed round (tracking)
         self._cumulative = {"down_bytes": 0, "up_bytes": 0}
         if resume is None:
             self._create(config)
@@ -249,6 +262,11 @@ class RunRecorder:
         """The run's ε after this round under DP (at `dp-delta`; it grows with each noised aggregate)."""
         self.round(server_round)["epsilon"] = epsilon
 
+    def tracking_record(self) -> TrackingInfo:
+        """`run.tracking`, which the run's tracker fills in (a resumed run's starts afresh)."""
+        self.data["run"]["tracking"] = {}
+        return self.data["run"]["tracking"]
+
     def stop_early(self, reason: str) -> None:
         """The run ends before `num-server-rounds`, for `reason` (e.g. its privacy budget)."""
         self.data["run"]["stop_reason"] = reason
@@ -272,6 +290,8 @@ class RunRecorder:
             self._cumulative[f"{direction}_bytes"] += comm[f"{direction}_bytes"]
             comm[f"cumulative_{direction}_bytes"] = self._cumulative[f"{direction}_bytes"]
         log(INFO, "%s", self.summary_line(entry))
+        for listener in self.round_listeners:
+            listener(entry)
         self.write()
 
     def summary_line(self, entry: Round) -> str:

@@ -31,6 +31,14 @@ class Resume(TypedDict):
     discarded_unfinished_rounds: list[int]
 
 
+class TrackingInfo(TypedDict, total=False):
+    backend: str  # mlflow / tensorboard
+    uri: str
+    experiment: str
+    run_id: str  # MLflow's run id; TensorBoard's run folder name
+    errors: list[str]  # a tracker that failed: what failed (the run went on)
+
+
 class RunInfo(TypedDict):
     name: str
     status: str  # running / completed / failed
@@ -40,6 +48,7 @@ class RunInfo(TypedDict):
     wall_seconds_total: float | None
     resumes: list[Resume]
     health: NotRequired[Health]
+    tracking: NotRequired[TrackingInfo]
     stop_reason: NotRequired[str]  # a run that ended before num-server-rounds (its privacy budget)
 
 

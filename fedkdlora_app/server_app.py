@@ -47,6 +47,7 @@ from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.strategy import ContinuedRounds, ServerStep, TrackedFedAvg
 from fedkdlora_app.teacher import save_teacher
+from fedkdlora_app.tracking import Tracker
 from fedkdlora_app.training import evaluate
 from fedkdlora_app.wire import from_wire, to_wire
 
@@ -66,11 +67,17 @@ def main(grid: Grid, context: Context) -> None:
     else:
         recorder = RunRecorder(config)
     log(INFO, "FedKDLoRA: %s on %s, results -> %s", config.scheme, config.task, recorder.path)
+    tracker = Tracker(config, recorder.name, recorder.tracking_record() if config.tracking else {})
+    recorder.round_listeners.append(tracker.log_round)
     try:
         run_federation(grid, config, recorder, checkpoint)
     except BaseException as error:
         recorder.fail(error)
+        tracker.finish("failed", [recorder.path])
+        recorder.write()  # with what tracking may have recorded
         raise
+    tracker.finish("completed", [recorder.path, Path(recorder.data["artifacts"]["student"])])
+    recorder.write()
 
 
 def run_federation(

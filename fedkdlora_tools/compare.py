@@ -33,6 +33,7 @@ from fedkdlora_app.config import (
 )
 from fedkdlora_app.results import ADDED_KEY_DEFAULTS
 from fedkdlora_app.results_format import load
+from fedkdlora_app.tracking import KEYS as TRACKING_KEYS
 from fedkdlora_tools import launcher
 from fedkdlora_tools.processes import exit_on_sigterm
 from fedkdlora_tools.report import RunResult, is_centralized, write_report
@@ -224,7 +225,7 @@ def per_client_cap(args: argparse.Namespace) -> int:
     )
 
 
-def common_overrides(args: argparse.Namespace, results_dir: Path) -> dict[str, Any]:
+def common_overrides(args: argparse.Namespace, results_dir: Path, out_name: str = "") -> dict[str, Any]:
     data_dir = (
         args.data_dir if args.data_dir is not None else (str(LOCAL_GLUE) if LOCAL_GLUE.is_dir() else "")
     )
@@ -235,6 +236,7 @@ def common_overrides(args: argparse.Namespace, results_dir: Path) -> dict[str, A
         "data-dir": data_dir,
         "results-dir": str(results_dir),
         "min-available-nodes": args.clients,
+        "tracking-experiment": out_name,  # one tracked experiment per comparison (with `tracking` on)
     }
     return values | size_caps(args)
 
@@ -258,11 +260,12 @@ CENTRALIZED_KEYS = ("min-available-nodes", "max-train-examples-per-client", "cen
 
 
 def run_settings(common: dict[str, Any], run: dict[str, Any], extra: str) -> dict[str, Any]:
-    """A run's overrides in the order `main` applies them (a centralized run's keys win); paths left out."""
+    """A run's overrides in the order `main` applies them (a centralized run's keys win); paths and
+    tracking left out (they say where a run writes, not what it computes)."""
     values = common | run | with_current_names(parse_config_args([extra]) if extra else {})
     if is_centralized(run):
         values |= {key: run[key] for key in CENTRALIZED_KEYS}
-    return {k: v for k, v in values.items() if k not in launcher.PATH_KEYS}
+    return {k: v for k, v in values.items() if k not in launcher.PATH_KEYS and k not in TRACKING_KEYS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or Path("results") / f"compare-{args.task}-{stamp}"
     runs_dir = out / "runs"
-    common = common_overrides(args, runs_dir)
+    common = common_overrides(args, runs_dir, out.name)
     plan = planned_runs(args)
     failed = []
     for index, run in enumerate(plan, start=1):

@@ -28,6 +28,7 @@ from flwr.common.config import parse_config_args
 
 from fedkdlora_app.config import ConfigError, RunConfig, app_defaults, with_current_names
 from fedkdlora_app.privacy import check_privacy_budget
+from fedkdlora_app.tracking import attach_files, check_tracking
 from fedkdlora_tools.flower_cli import flower_env, run_status, stage_app, stop_local_superlink
 from fedkdlora_tools.processes import ProcessError, exit_on_sigterm
 
@@ -89,7 +90,9 @@ def resolved_run_config(app_dir: Path, overrides: list[str], cwd: Path, check_fi
         value = values.get(key, defaults.get(key))
         if value and not Path(value).is_absolute() and (not key.endswith("model") or (cwd / value).exists()):
             values[key] = str((cwd / value).resolve())
-    check_privacy_budget(RunConfig.from_mapping({**defaults, **values}, check_files=check_files))
+    config = RunConfig.from_mapping({**defaults, **values}, check_files=check_files)
+    check_privacy_budget(config)
+    check_tracking(config)
     return values
 
 
@@ -168,6 +171,10 @@ def print_run_summary(results_path: Path) -> None:
     artifacts = run.data["artifacts"]
     print(f"results JSON: {results_path}")
     print("plots:        " + "\n              ".join(str(p) for p in plots if p.suffix == ".png"))
+    if tracking := run.data["run"].get("tracking"):
+        if problem := attach_files(tracking, plots, "plots"):
+            print(problem, file=sys.stderr)
+        print(f"tracked:      {tracking['backend']} run {tracking.get('run_id')} at {tracking['uri']}")
     print(f"model:        {artifacts['student']}")
     print("load it:")
     if "student_base" in artifacts:  # a PEFT adapter over the saved base student
