@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import tomli
 import tomli_w
+from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
 from fedkdlora_tools.processes import ProcessError, stop_processes
 
@@ -93,6 +94,23 @@ def write_connection(
     flwr_home.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(config))
     return path
+
+
+def install_federations(flwr_home: Path, source: Path, names: list[str] | None = None) -> list[str]:
+    """Copy the saved federations of `source` (the app's federations.toml), or only `names`, into
+    FLWR_HOME/config.toml as `[superlink.<name>]`; every other entry and the default stay as they are."""
+    saved = tomli.loads(source.read_text()).get("superlink", {})
+    unknown = sorted(set(names or []) - set(saved))
+    if unknown:
+        raise ValueError(f"no federation {', '.join(unknown)} in {source} (it has {', '.join(saved)})")
+    path = flwr_home / "config.toml"
+    # a new home starts from the file Flower itself would write (its `local` connection the default)
+    config: dict[str, Any] = tomli.loads(path.read_text() if path.exists() else DEFAULT_FLOWER_CONFIG_TOML)
+    chosen = names or list(saved)
+    config.setdefault("superlink", {}).update({name: saved[name] for name in chosen})
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(config))
+    return chosen
 
 
 def stage_app(app_dir: Path, dest: Path) -> Path:

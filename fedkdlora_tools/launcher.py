@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,10 +30,17 @@ from flwr.common.config import parse_config_args
 from fedkdlora_app.config import ConfigError, RunConfig, app_defaults, with_current_names
 from fedkdlora_app.privacy import check_privacy_budget
 from fedkdlora_app.tracking import attach_files, check_tracking
-from fedkdlora_tools.flower_cli import flower_env, run_status, stage_app, stop_local_superlink
+from fedkdlora_tools.flower_cli import (
+    flower_env,
+    install_federations,
+    run_status,
+    stage_app,
+    stop_local_superlink,
+)
 from fedkdlora_tools.processes import ProcessError, exit_on_sigterm
 
 # Run-config keys that name files or folders; relative values are taken from the cwd.
+FEDERATIONS = "federations.toml"  # the app's saved federations (Flower 1.42 connections)
 PATH_KEYS = ("data-dir", "results-dir", "resume-from", "student-model", "teacher-model", "teacher-base-model")
 
 
@@ -59,9 +67,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and the saved model are, with the lines that load it",
     )
     parser.add_argument(
+        "--federation",
+        default=None,
+        help="a saved federation: one of the app's federations.toml (e.g. fedkdlora-cpu-4, "
+        "fedkdlora-4gpu-quarter), or with --flwr-home one of that Flower home's connections",
+    )
+    parser.add_argument(
         "--flwr-home",
         default=None,
-        help="FLWR_HOME for the local SuperLink (default: a fresh temporary folder)",
+        help="use this Flower home (e.g. ~/.flwr, with your saved connections) instead of a fresh "
+        "temporary one; its local SuperLink is stopped after the run",
+    )
+    parser.add_argument(
+        "--install-federations",
+        action="store_true",
+        help="copy the app's saved federations into the Flower home (--flwr-home, else $FLWR_HOME, "
+        "else ~/.flwr), for plain `flwr run . <name>`, and exit",
     )
     return parser.parse_args(argv)
 
@@ -101,13 +122,18 @@ class RunFailed(RuntimeError):
 
 
 def simulate(
-    app_dir: Path, overrides: list[str], federation_config: list[str], flwr_home: Path | None = None
+    app_dir: Path,
+    overrides: list[str],
+    federation_config: list[str],
+    flwr_home: Path | None = None,
+    federation: str | None = None,
 ) -> dict[str, Any]:
     """One run of the app in simulation; returns its resolved overrides (paths absolute).
 
     Raises ConfigError for bad settings, before anything starts, and RunFailed when the run
     did not complete (whatever `flwr run` exits with). `flwr_home`: default a fresh
-    temporary folder, removed afterwards.
+    temporary folder, removed afterwards. `federation`: a saved federation, from the app's
+    federations.toml into a temporary home, else from `flwr_home`'s own connections.
     """
     run_config = resolved_run_config(app_dir, overrides, Path.cwd())
     temporary_home = flwr_home is None
@@ -116,8 +142,14 @@ def simulate(
     env = flower_env(flwr_home, local_superlink_ports=True)
     overrides_file = flwr_home / "run-config.toml"
     overrides_file.write_text(tomli_w.dumps(run_config))
+    if federation and temporary_home:
+        try:
+            install_federations(flwr_home, app_dir / FEDERATIONS, [federation])
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--federation {federation}: {error}") from None
     staged = stage_app(app_dir, flwr_home / "app")
-    command = ["flwr", "run", str(staged), "--stream", "--run-config", str(overrides_file)]
+    command = ["flwr", "run", str(staged), *([federation] if federation else [])]
+    command += ["--stream", "--run-config", str(overrides_file)]
     for federation in federation_config:
         command += ["--federation-config", federation]
     try:
@@ -139,9 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     started = time.time()
-    flwr_home = Path(args.flwr_home) if args.flwr_home else None
+    flwr_home = Path(args.flwr_home).expanduser() if args.flwr_home else None
+    app_dir = Path(args.app).resolve()
+    if args.install_federations:
+        home = flwr_home or Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+        names = install_federations(home, app_dir / FEDERATIONS)
+        print(f"fedkdlora-run: {', '.join(names)} -> {home / 'config.toml'}; run one: flwr run . <name>")
+        return 0
     try:
-        run_config = simulate(Path(args.app).resolve(), args.run_config, args.federation_config, flwr_home)
+        run_config = simulate(app_dir, args.run_config, args.federation_config, flwr_home, args.federation)
     except ConfigError as error:
         print(f"fedkdlora-run: {error}", file=sys.stderr)
         return 2
