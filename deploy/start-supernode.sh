@@ -6,7 +6,7 @@
 #
 #   deploy/start-supernode.sh --superlink HOST:9093 --partition-id I --num-partitions N \
 #       [--key deploy/certs/node-I] [--certs DIR] [--data-dir DIR] [--student-model DIR] \
-#       [--teacher-path DIR] [--cache-dir DIR] [--port 9094]
+#       [--teacher-path DIR] [--cache-dir DIR] [--lora-r R] [--port 9094]
 #   deploy/start-supernode.sh --insecure --superlink 127.0.0.1:9093 ...   # loopback experiments only
 #
 # The run-config's paths name the server's files; these name this host's, as node config:
@@ -14,7 +14,8 @@
 # fedkdlora_tools.deployment export-partition`); --student-model: a local copy of the
 # student's base model (when the run-config's is a folder on the server); --teacher-path: a
 # local teacher for client-side KD (client-kd = true); --cache-dir: where a teacher the
-# server ships is kept (default ~/.cache/fedkdlora/client-kd-teachers). --port is this SuperNode's
+# server ships is kept (default ~/.cache/fedkdlora/client-kd-teachers); --lora-r: this node's
+# LoRA rank (lora-aggregation = "svd" only; <= the run-config's lora-r). --port is this SuperNode's
 # local Runtime API port (its ClientApp talks to it on 127.0.0.1); give each SuperNode on
 # one host its own.
 set -euo pipefail
@@ -22,11 +23,12 @@ source "$(dirname "$0")/_common.sh"
 
 usage() {
     echo "usage: $0 --superlink HOST:PORT --partition-id I --num-partitions N [--key FILE] [--certs DIR]" \
-         "[--data-dir DIR] [--student-model DIR] [--teacher-path DIR] [--cache-dir DIR] [--port P] [--insecure]" >&2
+         "[--data-dir DIR] [--student-model DIR] [--teacher-path DIR] [--cache-dir DIR] [--lora-r R]" \
+         "[--port P] [--insecure]" >&2
     exit 2
 }
 CERTS="$DEPLOY_DIR/certs"
-SUPERLINK=""; PARTITION=""; NUM_PARTITIONS=""; KEY=""; DATA_DIR=""; STUDENT=""; TEACHER=""; CACHE=""
+SUPERLINK=""; PARTITION=""; NUM_PARTITIONS=""; KEY=""; DATA_DIR=""; STUDENT=""; TEACHER=""; CACHE=""; RANK=""
 PORT=9094; INSECURE=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -39,6 +41,7 @@ while [[ $# -gt 0 ]]; do
         --student-model) STUDENT="$2"; shift 2 ;;
         --teacher-path) TEACHER="$2"; shift 2 ;;
         --cache-dir) CACHE="$2"; shift 2 ;;
+        --lora-r) RANK="$2"; shift 2 ;;
         --port) PORT="$2"; shift 2 ;;
         --insecure) INSECURE=1; shift ;;
         *) usage ;;
@@ -51,6 +54,7 @@ if [[ -n "$DATA_DIR" ]]; then NODE_CONFIG+=" data-dir=\"$(realpath "$DATA_DIR")\
 if [[ -n "$STUDENT" ]]; then NODE_CONFIG+=" student-model=\"$(realpath "$STUDENT")\""; fi
 if [[ -n "$TEACHER" ]]; then NODE_CONFIG+=" teacher-path=\"$(realpath "$TEACHER")\""; fi
 if [[ -n "$CACHE" ]]; then NODE_CONFIG+=" cache-dir=\"$(realpath -m "$CACHE")\""; fi
+if [[ -n "$RANK" ]]; then NODE_CONFIG+=" lora-r=$RANK"; fi
 
 ARGS=(--superlink "$SUPERLINK" --node-config "$NODE_CONFIG" --port "$PORT")
 if [[ $INSECURE -eq 1 ]]; then

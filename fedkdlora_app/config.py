@@ -46,6 +46,17 @@ PRECISIONS = ("float32", "bfloat16")
 SERVER_STUDENT_SIGNALS = ("labels+teacher", "labels", "teacher")
 KD_LOSSES = ("kl", "original")
 TRACKINGS = ("", "mlflow", "tensorboard")
+# What a SuperNode's node config may set (`NodeRun`, `RunConfig.client_rank`); deploy/start-supernode.sh
+# has an option for each.
+NODE_CONFIG_KEYS = (
+    "partition-id",
+    "num-partitions",
+    "data-dir",
+    "student-model",
+    "teacher-path",
+    "cache-dir",
+    "lora-r",
+)
 
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -24,11 +24,13 @@ from typing import Any
 import psutil
 import pytest
 
+from fedkdlora_app.config import NODE_CONFIG_KEYS
 from fedkdlora_app.data import DataError, client_eval_shard, client_train_partition
 from fedkdlora_tools.deployment.hosts import mount_namespaces_available, netns_available
 from fedkdlora_tools.deployment.local import LocalDeployment, RunOutcome
 from fedkdlora_tools.deployment.partitions import config_with, export_partition
 from fedkdlora_tools.deployment.scenarios import lose_and_restore
+from fedkdlora_tools.flower_cli import flwr_json
 from fedkdlora_tools.processes import MARKER_ENV, ManagedProcess, wait_until
 from tests.helpers import GLUE_DIR, REPO, model_message_bytes
 from tests.hub_fixtures import write_bert_pair
@@ -88,13 +90,15 @@ class SecureRun:
     deployment: LocalDeployment
     intruder: ManagedProcess
     outcome: RunOutcome
-    lacking: RunOutcome  # a second run, of a task the nodes hold no data for
+    lacking: RunOutcome  # a second run, of a task the nodes hold no data for, after a SuperLink restart
+    runs_after_restart: list[int]  # the run ids the restarted SuperLink lists
     node_views: list[bool]  # per SuperNode: was the GLUE copy hidden from it (an empty folder)?
 
 
 @pytest.fixture(scope="module")
 def secure_run(tmp_path_factory) -> SecureRun:
-    """TLS + SuperNode authentication on loopback: 2 registered SuperNodes, 1 unregistered, 1 round.
+    """TLS + SuperNode authentication on loopback: 2 registered SuperNodes, 1 unregistered, 1 round;
+    then the SuperLink is restarted on its database and a second run is submitted.
 
     Each SuperNode has its own filesystem view: its exported partition, but neither the
     GLUE copy the run-config's `data-dir` names nor the results folder, as on separate
@@ -116,11 +120,14 @@ def secure_run(tmp_path_factory) -> SecureRun:
             intruder.popen.wait(timeout=60)
             node_views = [sees_no_glue(deployment.processes[f"supernode-{i}"]) for i in range(2)]
             outcome = deployment.run(run_config, timeout=400)
+            deployment.restart_superlink()
+            listed = flwr_json(["list", deployment.connection], deployment.cli_env)["runs"]
+            runs_after_restart = [int(run["run-id"]) for run in listed]
             lacking = deployment.run({**run_config, "task": "sst2"}, timeout=400)
         except BaseException:
             print(deployment.log_tails())
             raise
-    return SecureRun(deployment, intruder, outcome, lacking, node_views)
+    return SecureRun(deployment, intruder, outcome, lacking, runs_after_restart, node_views)
 
 
 def sees_no_glue(process: ManagedProcess) -> bool:
@@ -160,6 +167,17 @@ def test_a_run_no_node_can_train_fails_naming_the_missing_file(secure_run: Secur
     assert {("train", node_ids[0]), ("train", node_ids[1])} <= {
         (f["stage"], f["node_id"]) for f in entry["failures"]
     }
+
+
+@pytest.mark.slow
+def test_a_restarted_superlink_keeps_its_runs_and_its_nodes_come_back(secure_run: SecureRun) -> None:
+    """The SuperLink's state is on disk: after a restart it lists the first run, and the second run
+    reaches both registered SuperNodes under their ids (each answers it, with a failure to train)."""
+    assert secure_run.outcome.run_id in secure_run.runs_after_restart
+    [entry] = secure_run.lacking.results["rounds"][1:]
+    answered = {f["node_id"] for f in entry["failures"] if f["stage"] == "train"}
+    assert answered == {secure_run.deployment.node_ids[0], secure_run.deployment.node_ids[1]}
+    assert all("Node Unavailable" not in f["reason"] for f in entry["failures"])
 
 
 @pytest.mark.slow
@@ -216,6 +234,13 @@ def test_cleanup_on_failure_and_the_insecure_flag(tmp_path: Path) -> None:
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert marked_processes(deployment.marker) == []
     assert not (tmp_path / "certs").exists()  # insecure: no certificates were made
+
+
+def test_start_supernode_passes_every_node_config_key_the_app_reads() -> None:
+    script = (REPO / "deploy" / "start-supernode.sh").read_text()
+    for key in NODE_CONFIG_KEYS:  # an option, and the key written into --node-config
+        option = {"partition-id": "--partition-id", "num-partitions": "--num-partitions"}.get(key, f"--{key}")
+        assert f"{option})" in script and f"{key}=" in script, key
 
 
 def test_an_exported_partition_is_exactly_the_nodes_examples(tmp_path: Path) -> None:
@@ -292,7 +317,7 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
     teacher from its own cache: the server ships it again only to node 1, which never
     replied to a train message.
     """
-    timeout = 60.0  # a ClientApp starting on a loaded machine must answer within it
+    timeout = 40.0
     teacher_base, _ = write_bert_pair(tmp_path / "models")  # a small 12-layer BERT: a light teacher to ship
     run_config = {
         **QUICK,

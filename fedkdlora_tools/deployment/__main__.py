@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import tomli
+
 from fedkdlora_app.config import ConfigError
 from fedkdlora_tools.deployment.local import process_env
 from fedkdlora_tools.deployment.partitions import config_with, export_partition
@@ -100,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "connect":
         home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
         path = write_connection(home, args.name, args.address, args.root_certificates, args.insecure)
+        default = tomli.loads(path.read_text())["superlink"]["default"]
         print(f"connection '{args.name}' -> {args.address} written to {path}")
+        if default == args.name:
+            print(f"'{args.name}' is now the default connection: `flwr run .` without a name uses it")
+        else:
+            print(f"the default connection stays '{default}': name this one, `flwr run . {args.name}`")
         return 0
     if args.command == "submit":
         env = process_env(Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")))

@@ -210,7 +210,7 @@ class LocalDeployment:
         """Start it and wait until its port accepts connections."""
         command = [str(deploy_dir() / "start-superlink.sh"), "--port", str(self.superlink_port)]
         command += ["--insecure"] if self.insecure else ["--certs", str(self.certs_dir)]
-        command += ["--host", self.superlink_host]
+        command += ["--host", self.superlink_host, "--database", str(self.work_dir / "superlink.db")]
         process = self._spawn(
             "superlink", command, NETNS_SUPERLINK[0] if self.netns else None, cpus=self.server_cpus
         )
@@ -227,6 +227,13 @@ class LocalDeployment:
 
         wait_until(f"the SuperLink on {self.superlink_address}", listening, timeout)
         return process
+
+    def restart_superlink(self) -> ManagedProcess:
+        """Stop the SuperLink and start it again on its database: its nodes and runs survive."""
+        old = self.processes.pop("superlink")
+        old.stop()
+        self.processes[f"superlink-stopped-{int(time.time())}"] = old  # its log stays with the deployment
+        return self.start_superlink()
 
     def node_key(self, index: int) -> Path:
         return self.certs_dir / f"node-{index}"
