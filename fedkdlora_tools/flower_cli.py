@@ -166,6 +166,15 @@ def run_status(
     return newest.get("status", "unknown"), newest.get("status-details", "")
 
 
+def run_traffic(env: dict[str, str], connection: str | None, run_id: int) -> tuple[int, int]:
+    """(inbound, outbound) bytes that Flower's SuperLink counted for run `run_id` (`flwr list`):
+    its Fleet API traffic with the SuperNodes, whole requests and responses."""
+    args = ["list", *([connection] if connection else []), "--run-id", str(run_id)]
+    [run] = flwr_json(args, env)["runs"]
+    traffic = run["network-traffic"]
+    return int(traffic["inbound-bytes"]), int(traffic["outbound-bytes"])
+
+
 def wait_for_run(
     env: dict[str, str],
     connection: str,

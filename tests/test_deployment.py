@@ -24,15 +24,18 @@ from typing import Any
 import psutil
 import pytest
 
+from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.config import NODE_CONFIG_KEYS
 from fedkdlora_app.data import DataError, client_eval_shard, client_train_partition
+from fedkdlora_app.models import build_student, shipped_state
+from fedkdlora_app.wire import to_wire
 from fedkdlora_tools.deployment.hosts import mount_namespaces_available, netns_available
 from fedkdlora_tools.deployment.local import LocalDeployment, RunOutcome
 from fedkdlora_tools.deployment.partitions import config_with, export_partition
 from fedkdlora_tools.deployment.scenarios import lose_and_restore
-from fedkdlora_tools.flower_cli import flwr_json
+from fedkdlora_tools.flower_cli import flwr_json, run_traffic
 from fedkdlora_tools.processes import MARKER_ENV, ManagedProcess, wait_until
-from tests.helpers import GLUE_DIR, REPO, model_message_bytes
+from tests.helpers import GLUE_DIR, REPO, make_config, model_message_bytes
 from tests.hub_fixtures import write_bert_pair
 
 QUICK = {
@@ -92,6 +95,7 @@ class SecureRun:
     outcome: RunOutcome
     lacking: RunOutcome  # a second run, of a task the nodes hold no data for, after a SuperLink restart
     runs_after_restart: list[int]  # the run ids the restarted SuperLink lists
+    flower_traffic: tuple[int, int]  # (inbound, outbound) bytes Flower counted for the first run
     node_views: list[bool]  # per SuperNode: was the GLUE copy hidden from it (an empty folder)?
 
 
@@ -120,6 +124,7 @@ def secure_run(tmp_path_factory) -> SecureRun:
             intruder.popen.wait(timeout=60)
             node_views = [sees_no_glue(deployment.processes[f"supernode-{i}"]) for i in range(2)]
             outcome = deployment.run(run_config, timeout=400)
+            traffic = run_traffic(deployment.cli_env, deployment.connection, outcome.run_id)
             deployment.restart_superlink()
             listed = flwr_json(["list", deployment.connection], deployment.cli_env)["runs"]
             runs_after_restart = [int(run["run-id"]) for run in listed]
@@ -127,7 +132,7 @@ def secure_run(tmp_path_factory) -> SecureRun:
         except BaseException:
             print(deployment.log_tails())
             raise
-    return SecureRun(deployment, intruder, outcome, lacking, runs_after_restart, node_views)
+    return SecureRun(deployment, intruder, outcome, lacking, runs_after_restart, traffic, node_views)
 
 
 def sees_no_glue(process: ManagedProcess) -> bool:
@@ -197,6 +202,32 @@ def test_fedlora_completes_on_a_secure_deployment(secure_run: SecureRun) -> None
     for key in ("loss", "accuracy", "mcc"):
         assert math.isfinite(last["server"]["student"][key])
     assert results["config"]["results-dir"] == str(outcome.results_path.parent)
+
+
+@pytest.mark.slow
+def test_flowers_traffic_figures_are_the_apps_bytes_less_repeated_arrays_plus_framing(
+    secure_run: SecureRun,
+) -> None:
+    """Flower counts whole Fleet API requests and responses, and stores arrays as content-addressed
+    objects: an array whose content repeats within a message (round 1's train message holds the
+    all-zero LoRA B factors, six identical arrays) travels once. The app counts every array it puts
+    in a message. So, for the 1-round run (2 nodes: a train and an evaluate message each way down,
+    a train reply up): Flower's outbound = 2 x distinct bytes of the initial model + 2 x the trained
+    model (all distinct) + framing; inbound = the app's uplink + framing."""
+    inbound, outbound = secure_run.flower_traffic
+    [first] = secure_run.outcome.results["rounds"][1:]
+    comm = first["communication"]
+    config = make_config(**QUICK)
+    initial = to_wire(shipped_state(build_student(config), config), config.wire_dtype)
+    distinct = {(a.data, tuple(a.shape), a.dtype): len(a.data) for a in initial.values()}
+    expected_down = 2 * sum(distinct.values()) + comm["down_bytes_evaluate"]
+    assert sum(distinct.values()) < payload_bytes(initial) == comm["down_bytes_train"] // 2
+    print(
+        f"flower inbound {inbound} outbound {outbound}; app up {comm['up_bytes']} down {comm['down_bytes']}, "
+        f"distinct down {expected_down}"
+    )
+    assert comm["up_bytes"] < inbound < 1.1 * comm["up_bytes"] + 100_000
+    assert expected_down < outbound < 1.1 * expected_down + 100_000
 
 
 @pytest.mark.slow
