@@ -263,9 +263,13 @@ class RunRecorder:
         self.round(server_round)["epsilon"] = epsilon
 
     def tracking_record(self) -> TrackingInfo:
-        """`run.tracking`, which the run's tracker fills in (a resumed run's starts afresh)."""
-        self.data["run"]["tracking"] = {}
-        return self.data["run"]["tracking"]
+        """`run.tracking`, which the run's tracker fills in. A resumed run is tracked afresh; where the
+        run was tracked before stays in its `resumes` entry."""
+        run = self.data["run"]
+        if run.get("tracking") and run["resumes"]:
+            run["resumes"][-1]["tracking"] = run["tracking"]
+        run["tracking"] = {}
+        return run["tracking"]
 
     def stop_early(self, reason: str) -> None:
         """The run ends before `num-server-rounds`, for `reason` (e.g. its privacy budget)."""

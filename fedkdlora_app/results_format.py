@@ -23,20 +23,21 @@ class Health(TypedDict):
     failures: int
 
 
-class Resume(TypedDict):
-    at: str
-    after_round: int
-    previous_status: str
-    previous_error: str | None
-    discarded_unfinished_rounds: list[int]
-
-
 class TrackingInfo(TypedDict, total=False):
     backend: str  # mlflow / tensorboard
     uri: str
     experiment: str
     run_id: str  # MLflow's run id; TensorBoard's run folder name
     errors: list[str]  # a tracker that failed: what failed (the run went on)
+
+
+class Resume(TypedDict):
+    at: str
+    after_round: int
+    previous_status: str
+    previous_error: str | None
+    discarded_unfinished_rounds: list[int]
+    tracking: NotRequired[TrackingInfo]  # where the run was tracked before this resume
 
 
 class RunInfo(TypedDict):
