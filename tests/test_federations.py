@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import tomli
 from flwr.cli.flower_config import parse_superlink_connection
 
@@ -45,6 +46,7 @@ def test_installing_keeps_the_users_own_connections(tmp_path: Path, capsys) -> N
     assert f"-> {home / 'config.toml'}" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a full extra simulation; the fast tier has the same app through fedkdlora-run
 def test_plain_flwr_run_with_a_saved_federation_completes(tmp_path: Path) -> None:
     """`fedkdlora-run --install-federations`, then `flwr run . fedkdlora-cpu-4` in the app folder: 4 nodes,
     not Flower's default 2."""
