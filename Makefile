@@ -28,15 +28,16 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# Two workers: much of a Flower test is waiting (process start-up, heartbeats, timeouts), so two
-# share 2 cores well; tests that share a built fixture stay in one worker (tests/conftest.py).
+# The fast tests in two workers (tests that share a built fixture stay in one, tests/conftest.py);
+# the slow ones (deployments with round timeouts, multi-node runs) after them, alone on the cores.
 PYTEST := $(PY) -m pytest -n 2 --dist loadgroup
 
 test: lint
 	$(PYTEST) -m "not slow"
 
 test-full: lint
-	$(PYTEST)
+	$(PYTEST) -m "not slow"
+	$(PY) -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
