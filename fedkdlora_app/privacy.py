@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import cache
 from logging import WARNING
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -182,8 +181,3 @@ def privacy_info(config: RunConfig) -> Privacy:
         "accountant": ACCOUNTANT,
         "weights": "uniform",
     }
-
-
-def kept_releases(rounds: list[dict[str, Any]]) -> int:
-    """Noised aggregates among a results file's rounds (each round that aggregated an update)."""
-    return sum(1 for entry in rounds if entry["round"] > 0 and entry.get("aggregated_updates", 0) > 0)

@@ -37,7 +37,6 @@ from fedkdlora_app.models import (
 from fedkdlora_app.privacy import (
     PrivacyBudgetReached,
     check_privacy_budget,
-    kept_releases,
     privacy_info,
     private_strategy,
 )
@@ -173,7 +172,8 @@ def build_strategy(
         min_available_nodes=config.min_available_nodes,
     )
     if config.uses_dp:
-        strategy = private_strategy(strategy, config, kept_releases(recorder.data["rounds"]))
+        kept = recorder.health()  # a resumed run's releases: its kept rounds that aggregated an update
+        strategy = private_strategy(strategy, config, kept["rounds"] - len(kept["rounds_without_update"]))
     if distillation is not None:
         strategy = ServerStep(
             strategy,
