@@ -1,9 +1,14 @@
-"""Turning the clients' updates into the next global model: naive or SVD (FlexLoRA) LoRA averaging.
+"""Turning the clients' updates into the next global model: naive, SVD (FlexLoRA), alternating
+or exact LoRA averaging, and how far the result lies from the exact mean of the clients' models.
 
 Averaging LoRA's factors separately is not averaging the updates: mean(B)·mean(A) is
 not mean(B·A). `svd` averages the products ΔW = B·A·(alpha/r) instead, which is exact, and
 re-factorises the mean by truncated SVD (lora.py) into the rank the clients train; its
-relative Frobenius error is reported.
+relative Frobenius error is reported. `alternating` trains one factor per round, so the
+shared other factor makes the plain mean exact. `exact` averages naively and ships the
+residual mean(B·A) - mean(B)·mean(A), folded into the frozen weights. Every LoRA round
+reports `error`: the relative Frobenius distance of the new global update from the exact
+mean of the clients' updates.
 """
 
 from __future__ import annotations
@@ -16,7 +21,16 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedkdlora_app.config import RunConfig
-from fedkdlora_app.lora import delta_weight, factorise, fit_rank, lora_pairs
+from fedkdlora_app.lora import (
+    adapted_weights,
+    delta_weight,
+    factorise,
+    fit_rank,
+    frozen_factor,
+    lora_pairs,
+    reply_keys,
+    residual_state,
+)
 from fedkdlora_app.protocol import LORA_B
 from fedkdlora_app.wire import from_wire, to_wire
 
@@ -81,6 +95,11 @@ def lora_rank_problem(
     """The LoRA part of `update_problem`: A is (r, in) and B is (out, r), with in/out as sent."""
     ranks = set()
     for module, (key_a, key_b) in lora_pairs(record).items():
+        if sent is not None and key_b not in sent:  # alternating: only A trains this round
+            got, expected = list(record[key_a].shape), list(sent[key_a].shape)
+            if got != expected:
+                return f"LoRA factor '{key_a}' is {got}, sent as {expected}"
+            continue
         if key_b not in record:
             return f"LoRA factor '{key_a}' has no '{key_b}'"
         a, b = record[key_a].shape, record[key_b].shape
@@ -114,14 +133,17 @@ def example_weights(contents: list[RecordDict], weighted_by_key: str) -> list[fl
 class UpdateAggregator:
     """The example-weighted mean of the clients' shipped state, decoded from and re-encoded to the wire.
 
-    `naive` averages every array with Flower's own `aggregate_arrayrecords`; `svd` does so
-    for the arrays that are not LoRA factors and averages the LoRA products instead.
+    The arrays that are not LoRA factors, and the factors under `naive`, `alternating` and
+    `exact`, are averaged by Flower's own `aggregate_arrayrecords`; `svd` averages the LoRA
+    products instead, `exact` adds the residual. What a reply lacks (a frozen factor, the
+    residual) is the global state's.
     """
 
     method: str = "naive"
     wire_dtype: str = "float32"
     lora_alpha: float = 16.0
     rank: int = 8  # the global rank the server keeps
+    residual_rank: int = 0  # exact: 0 = dense residual, else its rank-k factors
     # Under DP every update counts the same: one client then moves the mean by at most
     # clipping norm / clients, the sensitivity the noise is calibrated to (`privacy.py`).
     uniform_weights: bool = False
@@ -133,6 +155,7 @@ class UpdateAggregator:
             wire_dtype=config.wire_dtype,
             lora_alpha=float(config.lora_alpha),
             rank=config.lora_r,
+            residual_rank=config.lora_residual_rank,
             uniform_weights=config.uses_dp,
         )
 
@@ -144,10 +167,23 @@ class UpdateAggregator:
         """The global state on the wire, re-factorised to `rank` (what a client of that rank gets)."""
         return to_wire(fit_rank(from_wire(record, self.wire_dtype), rank, self.lora_alpha), self.wire_dtype)
 
+    def reply_template(self, sent: ArrayRecord, server_round: int) -> ArrayRecord:
+        """The arrays of `sent` that a client's train reply to it holds (`lora.reply_keys`)."""
+        frozen = frozen_factor(self.method, False, server_round)  # FFA-LoRA's A is never sent at all
+        return ArrayRecord({key: sent[key] for key in reply_keys(sent, frozen)})
+
     def __call__(
-        self, contents: list[RecordDict], arrays_key: str, weighted_by_key: str
+        self,
+        contents: list[RecordDict],
+        arrays_key: str,
+        weighted_by_key: str,
+        sent: ArrayRecord | None = None,
     ) -> tuple[ArrayRecord, dict[str, Any] | None]:
-        """(next global arrays on the wire, the aggregation report for the results JSON or None)."""
+        """(next global arrays on the wire, the aggregation report for the results JSON or None).
+
+        `sent`: the global arrays the clients trained from, which fill in what a reply lacks.
+        """
+        previous = from_wire(sent, self.wire_dtype) if sent is not None else {}
         states = [from_wire(content.array_records[arrays_key], self.wire_dtype) for content in contents]
         pairs = lora_pairs(states[0]) if self.method == "svd" else {}
         lora_keys = {key for pair in pairs.values() for key in pair}
@@ -162,12 +198,22 @@ class UpdateAggregator:
             for state, content in zip(states, contents, strict=True)
         ]
         mean = aggregate_arrayrecords(records, weighted_by_key).to_torch_state_dict()
-        report = None
+        equal = [1.0 / len(states)] * len(states)
+        weights = equal if self.uniform_weights else example_weights(contents, weighted_by_key)
+        report: dict[str, Any] = {"method": self.method}
         if pairs:
-            equal = [1.0 / len(states)] * len(states)
-            weights = equal if self.uniform_weights else example_weights(contents, weighted_by_key)
-            mean, report = self._svd_mean(states, weights, pairs, mean)
-        ordered = {key: mean[key] for key in states[0]}  # keep the shipped key order
+            mean, svd_report = self._svd_mean(states, weights, pairs, mean)
+            report.update(svd_report)
+        clients = [{**previous, **state} for state in states]  # each client's whole model
+        if self.method == "exact":
+            residual, residual_report = self._residual(clients, weights, {**previous, **mean})
+            mean.update(residual)
+            report.update(residual_report)
+        order = previous or states[0]  # keep the shipped key order
+        ordered = {key: mean[key] if key in mean else previous[key] for key in order}
+        if not lora_pairs(ordered):
+            return to_wire(ordered, self.wire_dtype), None  # FedAvg; FFA-LoRA (A never travels): exact
+        report["error"] = self._error(clients, weights, previous, ordered)
         return to_wire(ordered, self.wire_dtype), report
 
     def _svd_mean(
@@ -189,10 +235,51 @@ class UpdateAggregator:
             tail, total = tail + factors.tail_energy, total + factors.total_energy
             worst = max(worst, factors.relative_error)
         report = {
-            "method": "svd",
             "rank": self.rank,
             "client_ranks": sorted({state[next(iter(pairs.values()))[0]].shape[0] for state in states}),
             "truncation_error": (tail / total) ** 0.5 if total > 0 else 0.0,
             "max_module_truncation_error": worst,
         }
         return mean, report
+
+    def _residual(
+        self, clients: list[dict[str, torch.Tensor]], weights: list[float], averaged: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The residual that makes `averaged` (naive factors) the exact mean: mean of the clients'
+        adapted weights (their residual included) less the averaged factors' B·A·alpha/r."""
+        target = weighted_sum([adapted_weights(client, self.lora_alpha) for client in clients], weights)
+        residuals = {
+            module: target[module] - delta_weight(averaged[key_a], averaged[key_b], self.lora_alpha)
+            for module, (key_a, key_b) in lora_pairs(averaged).items()
+        }
+        state, tail, total = residual_state(residuals, self.residual_rank)
+        report = {
+            "residual_rank": self.residual_rank,
+            "residual_elements": sum(tensor.numel() for tensor in state.values()),
+            "residual_truncation_error": (tail / total) ** 0.5 if total > 0 else 0.0,
+        }
+        return state, report
+
+    def _error(
+        self,
+        clients: list[dict[str, torch.Tensor]],
+        weights: list[float],
+        previous: dict[str, torch.Tensor],
+        new: dict[str, torch.Tensor],
+    ) -> float:
+        """||new global update - exact mean update||_F / ||exact mean update||_F, over all adapted matrices.
+
+        Updates are taken from the global model the clients trained from (`previous`; without it,
+        from the pre-trained weights). 0 when the new global model is the clients' exact mean.
+        """
+        exact = weighted_sum([adapted_weights(client, self.lora_alpha) for client in clients], weights)
+        got = adapted_weights(new, self.lora_alpha)
+        start = adapted_weights(previous, self.lora_alpha) if previous else {}
+        off = sum(float((got[m] - exact[m]).pow(2).sum()) for m in exact)
+        moved = sum(float((exact[m] - start.get(m, 0.0)).pow(2).sum()) for m in exact)
+        return (off / moved) ** 0.5 if moved > 0 else 0.0
+
+
+def weighted_sum(per_client: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Σ_i w_i · x_i, key by key."""
+    return {key: sum(w * x[key] for x, w in zip(per_client, weights, strict=True)) for key in per_client[0]}

@@ -22,7 +22,7 @@ from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import NodeRun, RunConfig
 from fedkdlora_app.data import cached_client_examples, make_loader
 from fedkdlora_app.devices import check_precision, pick_device, placement
-from fedkdlora_app.lora import fit_rank
+from fedkdlora_app.lora import fit_rank, frozen_factor, reply_keys
 from fedkdlora_app.metrics import EvalCounts
 from fedkdlora_app.models import (
     build_student,
@@ -30,6 +30,7 @@ from fedkdlora_app.models import (
     load_shipped_state,
     load_tokenizer,
     shipped_state,
+    train_factors,
 )
 from fedkdlora_app.protocol import (
     ARRAYS_KEY,
@@ -96,10 +97,13 @@ def local_train(
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """One client's round of work, without Flower: the ClientApp and `bench/` both call it.
 
-    `config.lora_r` is this client's rank; the global state is fitted to it first.
+    `config.lora_r` is this client's rank; the global state is fitted to it first. The
+    returned state is the reply: the shipped state less what this round keeps fixed.
     """
     model = cached_student(config)
     load_shipped_state(model, fit_rank(global_state, config.lora_r, config.lora_alpha), config)
+    frozen = frozen_factor(config.lora_aggregation, config.lora_freeze_a, server_round)
+    train_factors(model, frozen)
     examples = cached_client_examples(config, partition_id, num_partitions, "train")
     # Seed after the (cached or first-time) model build, so dropout draws the same either way.
     seed = client_seed(config.seed, server_round, partition_id)
@@ -125,7 +129,8 @@ def local_train(
         what="local training",
         precision=config.precision,
     )
-    return shipped_state(model, config), result
+    state = shipped_state(model, config)
+    return {key: state[key] for key in reply_keys(state, frozen)}, result
 
 
 def local_evaluate(

@@ -38,7 +38,7 @@ def with_current_names(
 
 # "seed" is the old name of "contiguous" (the file-order split), still accepted.
 PARTITIONINGS = ("contiguous", "seed", "iid", "dirichlet")
-LORA_AGGREGATIONS = ("naive", "svd")
+LORA_AGGREGATIONS = ("naive", "svd", "alternating", "exact")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 DP_CLIPPINGS = ("server", "client")
 PRECISIONS = ("float32", "bfloat16")
@@ -93,6 +93,7 @@ class RunConfig:
     lora_target_modules: str
     # --- LoRA variants and the wire
     lora_aggregation: str
+    lora_residual_rank: int
     lora_freeze_a: bool
     lora_r_by_partition: str
     wire_dtype: str
@@ -335,6 +336,7 @@ class RunConfig:
             )
         for key, value, default in (
             ("lora-aggregation", self.lora_aggregation, "naive"),
+            ("lora-residual-rank", self.lora_residual_rank, 0),
             ("lora-freeze-a", self.lora_freeze_a, False),
             ("lora-r-by-partition", self.lora_r_by_partition, ""),
         ):
@@ -351,12 +353,21 @@ class RunConfig:
                 f"run-config key 'lora-r-by-partition' = '{self.lora_r_by_partition}': every rank must be "
                 f"in 1..lora-r ({self.lora_r}), the global rank the server keeps"
             )
-        if self.lora_freeze_a and self.lora_aggregation == "svd":
+        if self.lora_freeze_a and self.lora_aggregation != "naive":
             raise ConfigError(
-                "run-config key 'lora-freeze-a' = true: incompatible with lora-aggregation = 'svd', which "
-                "re-factorises A; with A frozen, naive averaging is already exact"
+                f"run-config key 'lora-freeze-a' = true: incompatible with lora-aggregation = "
+                f"'{self.lora_aggregation}'; with A frozen, naive averaging is already exact"
             )
-        if self.uses_dp and self.lora_aggregation == "svd":
+        if self.lora_residual_rank < 0:
+            raise ConfigError(
+                f"run-config key 'lora-residual-rank' = {self.lora_residual_rank}: must be >= 0 (0 = dense)"
+            )
+        if self.lora_residual_rank and self.lora_aggregation != "exact":
+            raise ConfigError(
+                f"run-config key 'lora-residual-rank' = {self.lora_residual_rank}: needs lora-aggregation = "
+                "'exact', the only variant that ships a residual"
+            )
+        if self.uses_dp and self.lora_aggregation != "naive":
             raise ConfigError(
                 "run-config key 'dp-noise-multiplier' > 0: Flower's DP wrappers clip and noise the shipped "
                 "factors, which needs lora-aggregation = 'naive'"

@@ -1,4 +1,5 @@
-"""LoRA maths both sides use: pairs of factors, their update ΔW, and its best low-rank factors.
+"""LoRA maths both sides use: pairs of factors, their update ΔW, its best low-rank factors,
+which factor a client trains, and the residual that `exact` folds into the frozen weights.
 
 By Eckart-Young the truncated SVD gives the best rank-r approximation of a ΔW: the server
 uses it to re-factorise an averaged update (aggregation.py), a client of a lower rank to
@@ -7,13 +8,13 @@ fit the global factors to its own (`fit_rank`). No Flower here: the ClientApp im
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedkdlora_app.protocol import LORA_A, LORA_B
+from fedkdlora_app.protocol import LORA_A, LORA_B, RESIDUAL, RESIDUAL_A, RESIDUAL_B
 
 
 def lora_pairs(keys: list[str] | Mapping[str, Any]) -> dict[str, tuple[str, str]]:
@@ -75,3 +76,78 @@ def fit_rank(state: dict[str, torch.Tensor], rank: int, lora_alpha: float) -> di
             factors = factorise(delta_weight(a, b, lora_alpha), rank, lora_alpha)
             fitted[key_a], fitted[key_b] = factors.a, factors.b
     return fitted
+
+
+def frozen_factor(aggregation: str, freeze_a: bool, server_round: int) -> str | None:
+    """The LoRA factor (`LORA_A`, `LORA_B`) a client keeps fixed this round and does not ship back.
+
+    FFA-LoRA (`freeze_a`) fixes A always. `alternating` fixes A in odd rounds (B trains from
+    its zero start, as in LoRA) and B in even ones: with the other factor the same for every
+    client, the mean of the trained one is the exact mean of the clients' B·A.
+    """
+    if freeze_a:
+        return LORA_A
+    if aggregation == "alternating":
+        return LORA_A if server_round % 2 == 1 else LORA_B
+    return None
+
+
+def is_residual(key: str) -> bool:
+    return any(part in key for part in (RESIDUAL, RESIDUAL_A, RESIDUAL_B))
+
+
+def reply_keys(keys: Iterable[str], frozen: str | None) -> list[str]:
+    """The keys of a client's train reply: the global state's, less the residual and the frozen factor."""
+    return [key for key in keys if not is_residual(key) and not (frozen and frozen in key)]
+
+
+def residual_matrices(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapted module -> its residual as a dense float64 matrix, from either shipped form."""
+    residuals = {}
+    for key, tensor in state.items():
+        if RESIDUAL in key:
+            residuals[key.split(RESIDUAL)[0]] = tensor.double()
+        elif RESIDUAL_A in key:
+            factor_b = state[key.replace(RESIDUAL_A, RESIDUAL_B)]
+            residuals[key.split(RESIDUAL_A)[0]] = factor_b.double() @ tensor.double()
+    return residuals
+
+
+def residual_state(
+    residuals: Mapping[str, torch.Tensor], rank: int
+) -> tuple[dict[str, torch.Tensor], float, float]:
+    """The residuals as shipped, dense (`rank` 0) or as their best rank-`rank` factors B·A; and the
+    squared Frobenius norms (discarded, total) that give the truncation's relative error."""
+    state: dict[str, torch.Tensor] = {}
+    tail = total = 0.0
+    for module, matrix in residuals.items():
+        if rank == 0:
+            state[f"{module}{RESIDUAL}weight"] = matrix.float()
+            continue
+        factors = factorise(matrix, rank, lora_alpha=rank)  # scale alpha/rank = 1: B·A is the matrix
+        state[f"{module}{RESIDUAL_A}weight"], state[f"{module}{RESIDUAL_B}weight"] = factors.a, factors.b
+        tail, total = tail + factors.tail_energy, total + factors.total_energy
+    return state, tail, total
+
+
+def zero_residual(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The residual of a fresh adapter (all zero) for each LoRA pair in `state`, as shipped."""
+    zeros = {}
+    for module, (key_a, key_b) in lora_pairs(state).items():
+        out, inp = state[key_b].shape[0], state[key_a].shape[1]
+        if rank == 0:
+            zeros[f"{module}{RESIDUAL}weight"] = torch.zeros(out, inp)
+        else:
+            zeros[f"{module}{RESIDUAL_A}weight"] = torch.zeros(rank, inp)
+            zeros[f"{module}{RESIDUAL_B}weight"] = torch.zeros(out, rank)
+    return zeros
+
+
+def adapted_weights(state: Mapping[str, torch.Tensor], lora_alpha: float) -> dict[str, torch.Tensor]:
+    """Per adapted module, what a shipped state adds to the pre-trained weight: B·A·alpha/r plus
+    its residual. Two states define the same model exactly when these are equal."""
+    residuals = residual_matrices(state)
+    return {
+        module: delta_weight(state[key_a], state[key_b], lora_alpha) + residuals.get(module, 0.0)
+        for module, (key_a, key_b) in lora_pairs(state).items()
+    }

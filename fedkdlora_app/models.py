@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import torch
 import transformers
@@ -26,7 +27,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from fedkdlora_app.atomic import atomic_dir
 from fedkdlora_app.config import RunConfig
 from fedkdlora_app.errors import ModelError
-from fedkdlora_app.protocol import LORA_A
+from fedkdlora_app.lora import is_residual, residual_matrices, zero_residual
+from fedkdlora_app.protocol import LORA_A, LORA_B
 
 EMBEDDED_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -189,20 +191,48 @@ def build_student(config: RunConfig, attn_implementation: str | None = None) -> 
             with quiet_loading():
                 model = get_peft_model(model, lora_config(config, model.config.model_type))
     if config.uses_lora and config.lora_freeze_a:
-        for name, parameter in model.named_parameters():
-            if LORA_A in name:
-                parameter.requires_grad_(False)
+        train_factors(model, frozen=LORA_A)
     return model
 
 
+def train_factors(model: torch.nn.Module, frozen: str | None) -> None:
+    """Train every LoRA factor but the `frozen` one (`lora.frozen_factor`), and the head."""
+    for name, parameter in model.named_parameters():
+        if LORA_A in name or LORA_B in name:
+            parameter.requires_grad_(not (frozen and frozen in name))
+
+
+# Under `exact`: each model's pre-trained weights of its adapted layers, and the residual folded into them.
+_PRETRAINED: WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = WeakKeyDictionary()
+_FOLDED: WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = WeakKeyDictionary()
+
+
+def fold_residual(model: torch.nn.Module, residual: dict[str, torch.Tensor]) -> None:
+    """Set each adapted layer's frozen weight to its pre-trained value plus its residual (`exact`).
+
+    The residual replaces the one folded before, so a cached model can take any round's state.
+    """
+    pretrained = _PRETRAINED.setdefault(model, {})
+    with torch.no_grad():
+        for module, matrix in residual_matrices(residual).items():
+            weight = model.get_submodule(module).base_layer.weight
+            original = pretrained.setdefault(module, weight.detach().clone())
+            weight.copy_(original + matrix.to(weight))
+    _FOLDED[model] = {key: tensor.detach().clone() for key, tensor in residual.items()}
+
+
 def shipped_state(model: torch.nn.Module, config: RunConfig) -> dict[str, torch.Tensor]:
-    """What travels each round: all weights (FedAvg) or adapter + head (LoRA schemes; no A if frozen)."""
+    """What travels each round: all weights (FedAvg) or adapter + head (LoRA schemes; no A if frozen;
+    under `exact` also the residual folded into the frozen weights)."""
     state = get_peft_model_state_dict(model) if config.uses_lora else model.state_dict()
-    return {  # copies: a cached model trains on, and must not change what was handed out
+    shipped = {  # copies: a cached model trains on, and must not change what was handed out
         key: tensor.detach().to("cpu", copy=True).contiguous()
         for key, tensor in state.items()
         if not (config.lora_freeze_a and LORA_A in key)
     }
+    if config.uses_lora and config.lora_aggregation == "exact":
+        shipped.update(_FOLDED.get(model) or zero_residual(shipped, config.lora_residual_rank))
+    return shipped
 
 
 def load_shipped_state(model: torch.nn.Module, state: dict[str, torch.Tensor], config: RunConfig) -> None:
@@ -214,9 +244,21 @@ def load_shipped_state(model: torch.nn.Module, state: dict[str, torch.Tensor], c
                 f"shipped LoRA state does not match the model: missing {sorted(expected - set(state))[:3]}, "
                 f"unexpected {sorted(set(state) - expected)[:3]}"
             )
-        set_peft_model_state_dict(model, state)
+        if config.lora_aggregation == "exact":
+            fold_residual(model, {key: value for key, value in state.items() if is_residual(key)})
+        set_peft_model_state_dict(model, {key: value for key, value in state.items() if not is_residual(key)})
     else:
         model.load_state_dict(state, strict=True)
+
+
+def folded_base(model: torch.nn.Module, config: RunConfig) -> PreTrainedModel:
+    """The student's base model with `model`'s residual folded into its weights: under `exact`,
+    the base the saved adapter belongs to."""
+    base = load_classifier(config.student_model, config.num_labels, config.student_layers)
+    with torch.no_grad():
+        for module, matrix in residual_matrices(_FOLDED.get(model, {})).items():
+            base.get_submodule(module.removeprefix("base_model.model.")).weight += matrix.to(torch.float32)
+    return base
 
 
 def base_model_dir(config: RunConfig, results_dir: Path) -> Path:
@@ -233,7 +275,11 @@ def save_student(model: torch.nn.Module, config: RunConfig, out_dir: Path) -> Pa
     tokenizer = load_tokenizer(config.student_model)
     if config.uses_lora:
         base_dir = base_model_dir(config, Path(config.results_dir))
-        if not base_dir.is_dir():
+        if config.lora_aggregation == "exact":  # this run's own base: pre-trained weights + residual
+            base_dir = out_dir.with_name(f"{out_dir.name}-base")
+            base = folded_base(model, config)
+            atomic_dir(base_dir, lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        elif not base_dir.is_dir():
             base = load_classifier(config.student_model, config.num_labels, config.student_layers)
             atomic_dir(base_dir, lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         assert isinstance(model, PeftModel)

@@ -30,3 +30,6 @@ METRICS_KEY = "metrics"
 # keys (adapter + head) under the LoRA schemes, the whole `state_dict` under FedAvg. This is
 # how PEFT names a LoRA pair's factors in those keys.
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
+# Under lora-aggregation = "exact", the global state also holds, per adapted module, the residual
+# folded into its frozen base weight: a dense matrix, or factors B·A when lora-residual-rank > 0.
+RESIDUAL, RESIDUAL_A, RESIDUAL_B = ".residual.", ".residual_A.", ".residual_B."

@@ -49,6 +49,7 @@ RESUMABLE_CHANGES = (
 # Run-config keys added after the first results were written, with the behaviour runs had before.
 ADDED_KEY_DEFAULTS = {
     "lora-aggregation": "naive",
+    "lora-residual-rank": 0,
     "lora-freeze-a": False,
     "lora-r-by-partition": "",
     "wire-dtype": "float32",

@@ -170,11 +170,15 @@ class Placement(TypedDict):
 
 
 class Aggregation(TypedDict):
-    method: str
-    rank: int
-    client_ranks: list[int]
-    truncation_error: float
-    max_module_truncation_error: float
+    method: str  # lora-aggregation
+    error: float  # ||new global update - exact mean of the clients' updates||_F / ||exact mean update||_F
+    rank: NotRequired[int]  # svd: the global rank
+    client_ranks: NotRequired[list[int]]
+    truncation_error: NotRequired[float]
+    max_module_truncation_error: NotRequired[float]
+    residual_rank: NotRequired[int]  # exact: 0 = dense residual
+    residual_elements: NotRequired[int]
+    residual_truncation_error: NotRequired[float]
 
 
 class Round(TypedDict):

@@ -56,6 +56,7 @@ class TrackedFedAvg(FedAvg):
             self.aggregator, self.arrayrecord_key, self.weighted_by_key, max_examples_per_update
         )
         self.node_ranks = NodeRanks(self.aggregator, self.arrayrecord_key)
+        self.sent: ArrayRecord | None = None  # this round's global arrays, as sent
         self.once_per_node = OncePerNode(dict(once_per_node or {}))
 
     def configure_train(
@@ -63,7 +64,8 @@ class TrackedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self.recorder.start_round(server_round)
         self.recorder.set_aggregated_updates(server_round, 0)  # until aggregate_train says otherwise
-        self.screen.sent = arrays
+        self.sent = arrays
+        self.screen.sent = self.aggregator.reply_template(arrays, server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.node_ranks.fit(messages)
         self.ledger.sent(server_round, "train", messages)
@@ -93,7 +95,7 @@ class TrackedFedAvg(FedAvg):
         # Float sums depend on their order; arrival order varies from run to run.
         accepted.sort(key=self._content_digest)
         contents = [reply.content for reply in accepted]
-        arrays, report = self.aggregator(contents, self.arrayrecord_key, self.weighted_by_key)
+        arrays, report = self.aggregator(contents, self.arrayrecord_key, self.weighted_by_key, self.sent)
         if report is not None:
             self.recorder.set_aggregation(server_round, report)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -61,6 +61,8 @@ LORA_VARIANTS = {
     "svd": {"lora-aggregation": "svd"},
     "svd-hetero": {"lora-aggregation": "svd"},
     "freeze-a": {"lora-freeze-a": True},
+    "alternating": {"lora-aggregation": "alternating"},
+    "exact": {"lora-aggregation": "exact"},
     "fp16": {"wire-dtype": "float16"},
     "bf16": {"wire-dtype": "bfloat16"},
 }

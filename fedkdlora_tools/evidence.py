@@ -18,7 +18,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedkdlora_tools.report import RunResult, markdown_table, run_order, write_report
+from fedkdlora_tools.report import (
+    RunResult,
+    aggregation_error_table,
+    markdown_table,
+    run_order,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EVIDENCE_DIR = REPO / "docs" / "evidence"
@@ -54,7 +60,13 @@ class Study:
             f"\n{len(runs)} runs; raw results: `{folder}/runs/`. "
             f"Command (code {self.code}, {self.machine}):\n\n    {self.command}\n"
         )
-        return markdown_table(sorted(runs, key=run_order), self.target, seconds=False) + source
+        ordered = sorted(runs, key=run_order)
+        errors = aggregation_error_table(ordered)
+        if errors:
+            errors = (
+                "\nAggregation error per round (distance from the exact mean of the updates):\n\n" + errors
+            )
+        return markdown_table(ordered, self.target, seconds=False) + errors + source
 
 
 def render(document: str, evidence_dir: Path) -> str:

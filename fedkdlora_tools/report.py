@@ -23,6 +23,7 @@ SWEEP_LABELS = {
     "lora-r": "r",
     "teacher-data-pct": "public",
     "lora-aggregation": "agg",
+    "lora-residual-rank": "residual-r",
     "lora-r-by-partition": "ranks",
     "lora-freeze-a": "freeze-A",
     "wire-dtype": "wire",
@@ -144,6 +145,15 @@ class RunResult:
         positives = first["tp"] + first["fn"]
         return max(positives, first["num_examples"] - positives) / first["num_examples"]
 
+    def aggregation_errors(self) -> dict[int, float]:
+        """Round -> how far the aggregate lay from the exact mean of the clients' updates
+        (`rounds[].aggregation.error`); empty where the run did not report it."""
+        return {
+            r["round"]: r["aggregation"]["error"]
+            for r in self.finished_rounds
+            if "error" in r.get("aggregation", {})
+        }
+
     def summary(self) -> dict[str, Any]:
         _, acc = self.series("student", "accuracy")
         _, mcc = self.series("student", "mcc")
@@ -163,6 +173,8 @@ class RunResult:
         }
         if self.task == "cola":
             row |= {"final MCC": mcc[-1], "best MCC": max(mcc)}
+        errors = list(self.aggregation_errors().values())
+        row["agg error"] = float(np.mean(errors)) if errors else None
         return row
 
 
@@ -252,6 +264,10 @@ def markdown_table(runs: list[RunResult], target: float | None = None, seconds: 
         ]
     if not seconds:
         columns = [c for c in columns if c != "seconds"]
+    if not any(run.aggregation_errors() for run in runs):
+        columns = [c for c in columns if c != "agg error"]
+    elif "agg error" not in columns:
+        columns.append("agg error")
     seeded = any(len(g.runs) > 1 for g in groups)
     metric_name = "MCC" if target_metric(task) == "mcc" else "acc"
     header = ["run", "rounds"] + (["seeds"] if seeded else []) + columns
@@ -283,14 +299,31 @@ def markdown_table(runs: list[RunResult], target: float | None = None, seconds: 
     return "\n".join(lines) + "\n"
 
 
+def aggregation_error_table(runs: list[RunResult]) -> str:
+    """Per configuration and round, the aggregate's relative distance from the exact mean of the
+    clients' updates (mean ± std over seeds); "" when no run reported it."""
+    groups = [g for g in group_runs(runs) if any(run.aggregation_errors() for run in g.runs)]
+    if not groups:
+        return ""
+    rounds = sorted({n for g in groups for run in g.runs for n in run.aggregation_errors()})
+    lines = ["| run | " + " | ".join(f"round {n}" for n in rounds) + " |", "|---|" + "---:|" * len(rounds)]
+    for group in groups:
+        cells = []
+        for n in rounds:
+            values = [errors[n] for run in group.runs if n in (errors := run.aggregation_errors())]
+            cells.append(_cell("agg error", values) if values else "-")
+        lines.append(f"| {group.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _rounds_cell(group: RunGroup) -> str:
     counts = sorted({len(run.finished_rounds) - 1 for run in group.runs})
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
-def _cell(column: str, values: list[float]) -> str:
-    if len(values) == 1:
-        return _fmt(column, values[0])
+def _cell(column: str, values: list[float | None]) -> str:
+    if len(values) == 1 or None in values:
+        return _fmt(column, values[0] if None not in values else None)
     return f"{_fmt(column, float(np.mean(values)))} ± {_fmt(column, float(np.std(values, ddof=1)))}"
 
 
@@ -354,6 +387,8 @@ def _fmt(column: str, value: Any) -> str:
         return f"{value:,.2f}"
     if column == "rounds":
         return f"{value:.1f}"
+    if column == "agg error":
+        return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"
     return f"{value:,.0f}" if column == "seconds" else f"{value:.4f}"
 
 

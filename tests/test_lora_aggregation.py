@@ -1,6 +1,9 @@
-"""LoRA aggregation (naive vs SVD), rank fitting, wire dtypes, FFA-LoRA and DP, against direct computation."""
+"""LoRA aggregation (naive, SVD, alternating, exact), rank fitting, wire dtypes, FFA-LoRA and DP,
+against direct computation."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -11,8 +14,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.bookkeeping import payload_bytes
 from fedkdlora_app.config import ConfigError
-from fedkdlora_app.lora import delta_weight, fit_rank, lora_pairs
-from fedkdlora_app.models import build_student, shipped_state
+from fedkdlora_app.lora import delta_weight, fit_rank, frozen_factor, lora_pairs, reply_keys
+from fedkdlora_app.models import build_student, load_shipped_state, shipped_state, train_factors
 from fedkdlora_app.privacy import TrackedServerSideClippingDP
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_app.strategy import ServerStep, TrackedFedAvg
@@ -97,10 +100,14 @@ def test_svd_at_full_rank_is_the_exact_mean_of_the_updates_and_naive_is_not() ->
     for module, delta in deltas(svd).items():
         torch.testing.assert_close(delta, expected[module], rtol=1e-5, atol=1e-5)
     assert report["truncation_error"] == pytest.approx(0.0, abs=1e-6)
-    naive, no_report = aggregate("naive", 2, states, counts)
-    assert no_report is None
+    naive, naive_report = aggregate("naive", 2, states, counts)
     for module, delta in deltas(naive).items():
         assert not torch.allclose(delta, expected[module], atol=1e-2), module
+    # the reported error: how far the aggregate's update lies from the exact mean (from zero here)
+    off = sum(float(torch.linalg.matrix_norm(deltas(naive)[m] - expected[m]) ** 2) for m in MODULES)
+    moved = sum(float(torch.linalg.matrix_norm(expected[m]) ** 2) for m in MODULES)
+    assert naive_report == {"method": "naive", "error": pytest.approx((off / moved) ** 0.5, rel=1e-4)}
+    assert naive_report["error"] > 0.1 and report["error"] == pytest.approx(0.0, abs=1e-6)
     # the head is the plain weighted mean either way
     head = "base_model.model.classifier.weight"
     torch.testing.assert_close(svd[head], (30 * states[0][head] + 10 * states[1][head]) / 40)
@@ -157,6 +164,113 @@ def test_fit_rank_gives_a_client_the_best_approximation_at_its_rank() -> None:
         assert torch.equal(kept[a], fresh[a][:2]) and not kept[b].any()
 
 
+def merged_weights(config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapted layers' weights of the model a shipped state defines, computed apart from the app:
+    PEFT merges the factors into a fresh student, then the residual (if any) is added by hand."""
+    from peft import set_peft_model_state_dict
+
+    model = build_student(config)
+    set_peft_model_state_dict(model, {k: v for k, v in state.items() if ".residual" not in k})
+    merged = dict(model.merge_and_unload().named_parameters())
+    weights = {}
+    for key_a in (k for k in state if ".lora_A." in k):
+        module = key_a.split(".lora_A.")[0]
+        weight = merged[f"{module.removeprefix('base_model.model.')}.weight"].detach().double()
+        if f"{module}.residual.weight" in state:
+            weight = weight + state[f"{module}.residual.weight"].double()
+        elif f"{module}.residual_A.weight" in state:
+            weight = (
+                weight
+                + state[f"{module}.residual_B.weight"].double()
+                @ state[f"{module}.residual_A.weight"].double()
+            )
+        weights[module] = weight
+    return weights
+
+
+def clients_of(config, sent: dict[str, torch.Tensor], server_round: int, count: int):
+    """`count` clients' train replies to `sent`: the trainable factors and head moved at random, as a
+    round of training would (the real student, the real freezing and reply)."""
+    from fedkdlora_app.client_app import cached_student
+
+    frozen = frozen_factor(config.lora_aggregation, config.lora_freeze_a, server_round)
+    model = cached_student(config)
+    replies, models = [], []
+    for i in range(count):
+        load_shipped_state(model, sent, config)
+        train_factors(model, frozen)
+        generator = torch.Generator().manual_seed(100 * server_round + i)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        state = shipped_state(model, config)
+        models.append(state)
+        replies.append({k: state[k] for k in reply_keys(state, frozen)})
+    return replies, models
+
+
+@pytest.mark.parametrize(("method", "exact"), [("alternating", True), ("exact", True), ("naive", False)])
+def test_alternating_and_exact_make_the_global_model_the_mean_of_the_clients_models(method, exact) -> None:
+    """Two rounds, 3 clients of unequal size: the global adapted weights (PEFT-merged, residual added)
+    equal the example-weighted mean of the clients' to float tolerance; naive's do not (the control).
+    Alternating ships B in odd rounds and A in even ones; exact ships no residual back."""
+    config = make_config(scheme="fedlora", **{"lora-aggregation": method})
+    aggregator = UpdateAggregator.from_config(config)
+    counts = [10, 20, 30]
+    sent = shipped_state(build_student(config), config)
+    for server_round in (1, 2):
+        replies, models = clients_of(config, sent, server_round, len(counts))
+        template = aggregator.reply_template(to_wire(sent, "float32"), server_round)
+        assert [set(reply) == set(template) for reply in replies] == [True] * 3
+        if method == "alternating":
+            factor = ".lora_B." if server_round % 2 else ".lora_A."
+            other = ".lora_A." if server_round % 2 else ".lora_B."
+            assert any(factor in k for k in template) and not any(other in k for k in template)
+        if method == "exact":
+            assert not any(".residual" in k for k in template) and any(".residual" in k for k in sent)
+        contents = [
+            train_reply(i + 1, to_wire(r, "float32"), n).content
+            for i, (r, n) in enumerate(zip(replies, counts, strict=True))
+        ]
+        arrays, report = aggregator(contents, "arrays", "num_examples", to_wire(sent, "float32"))
+        new = from_wire(arrays, "float32")
+        assert list(new) == list(sent)  # the global state keeps its keys and their order
+        got = merged_weights(config, new)
+        per_client = [merged_weights(config, model) for model in models]
+        mean = {m: sum(n / sum(counts) * w[m] for w, n in zip(per_client, counts, strict=True)) for m in got}
+        close = [torch.allclose(got[m], mean[m], rtol=0, atol=1e-5) for m in got]
+        assert all(close) if exact else not any(close), (server_round, close)
+        assert report["method"] == method
+        assert (report["error"] < 1e-5) if exact else (report["error"] > 1e-2), report
+        sent = new
+
+
+def test_the_folded_residual_is_what_the_client_and_server_models_compute_with() -> None:
+    """`load_shipped_state` folds an exact run's residual into the frozen weights: merged by PEFT,
+    the model equals the state's adapted weights computed apart; a later state replaces it."""
+    config = make_config(scheme="fedlora", **{"lora-aggregation": "exact", "lora-residual-rank": 2})
+    model = build_student(config)
+    state = shipped_state(model, config)
+    residual_keys = [k for k in state if ".residual_" in k]
+    assert residual_keys and all(not state[k].any() for k in residual_keys)  # a fresh run: zero
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        state = {k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in state.items()}
+        load_shipped_state(model, state, config)
+        assert shipped_state(model, config).keys() == state.keys()
+        torch.testing.assert_close(shipped_state(model, config), state)  # the residual travels on
+        expected = merged_weights(config, state)
+        merged = dict(copy.deepcopy(model).merge_and_unload().named_parameters())
+        for module, weight in expected.items():
+            torch.testing.assert_close(
+                merged[f"{module.removeprefix('base_model.model.')}.weight"].double(),
+                weight,
+                rtol=0,
+                atol=1e-5,
+            )
+
+
 @pytest.mark.parametrize(("wire_dtype", "precision"), [("float16", 2**-11), ("bfloat16", 2**-8)])
 def test_half_precision_wire_halves_the_bytes_and_keeps_values(wire_dtype: str, precision: float) -> None:
     config = make_config(scheme="fedlora")
@@ -190,7 +304,15 @@ def test_frozen_a_is_never_trained_nor_shipped() -> None:
         ({"lora-r-by-partition": "4;8"}, "'lora-r-by-partition' = '4;8': give comma-separated integers"),
         ({"lora-aggregation": "svd", "lora-freeze-a": True}, "'lora-freeze-a' = true: incompatible"),
         ({"scheme": "fedavg", "lora-aggregation": "svd"}, "'lora-aggregation' = 'svd': needs a LoRA scheme"),
-        ({"lora-aggregation": "mean"}, "'lora-aggregation' = 'mean': allowed: naive, svd"),
+        (
+            {"lora-aggregation": "mean"},
+            "'lora-aggregation' = 'mean': allowed: naive, svd, alternating, exact",
+        ),
+        ({"lora-aggregation": "alternating", "lora-freeze-a": True}, "'lora-freeze-a' = true: incompatible"),
+        ({"lora-aggregation": "exact", "lora-r-by-partition": "4,8"}, "heterogeneous ranks need"),
+        ({"lora-residual-rank": 4}, "'lora-residual-rank' = 4: needs lora-aggregation = 'exact'"),
+        ({"lora-aggregation": "exact", "lora-residual-rank": -1}, "'lora-residual-rank' = -1: must be >= 0"),
+        ({"dp-noise-multiplier": 1.0, "lora-aggregation": "alternating"}, "needs lora-aggregation = 'naive'"),
         ({"wire-dtype": "int8"}, "'wire-dtype' = 'int8': allowed: float32, float16, bfloat16"),
         ({"dp-noise-multiplier": 1.0, "wire-dtype": "bfloat16"}, "'wire-dtype' = 'bfloat16'"),
         ({"dp-noise-multiplier": 1.0, "lora-aggregation": "svd"}, "needs lora-aggregation = 'naive'"),

@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from flwr.app import ArrayRecord
 
 from fedkdlora_app.bookkeeping import payload_bytes
+from fedkdlora_app.data import eval_split, loader_for
 from fedkdlora_app.models import build_student, load_saved_student, shipped_state
+from fedkdlora_app.training import evaluate
 from fedkdlora_app.wire import to_wire
 from tests.helpers import QUICK, ROUNDS, make_config, simulate, tiny_models
 
@@ -82,3 +85,62 @@ def test_heterogeneous_ranks_with_svd_over_a_float16_wire(tmp_path) -> None:
         assert entry["failures"] == []
         server = entry["server"]["student"]
         assert all(math.isfinite(server[k]) for k in ("loss", "accuracy", "mcc"))
+
+
+def test_alternating_ships_one_factor_each_round_and_aggregates_exactly(tmp_path) -> None:
+    """B and the head travel up in round 1, A and the head in round 2: each half the LoRA uplink;
+    the full state travels down; the aggregate is the exact mean (error at float rounding)."""
+    code, results = simulate(
+        tmp_path, scheme="fedlora", **{"lora-aggregation": "alternating", **tiny_models()}
+    )
+    assert code == 0, results and results["run"]["error"]
+    config = make_config(**{**QUICK, "scheme": "fedlora", **tiny_models()})
+    initial = build_student(config)
+    full = shipped_state(initial, config)
+    without = {
+        factor: payload_bytes(ArrayRecord({k: v for k, v in full.items() if factor not in k}))
+        for factor in (".lora_A.", ".lora_B.")
+    }
+    head = payload_bytes(ArrayRecord({k: v for k, v in full.items() if ".lora_" not in k}))
+    assert without[".lora_A."] - head == (payload_bytes(ArrayRecord(full)) - head) // 2
+    for entry in results["rounds"][1:]:
+        shipped = without[".lora_A."] if entry["round"] == 1 else without[".lora_B."]  # B, then A
+        per_node = entry["communication"]["per_node"].values()
+        assert [node["up_bytes"] for node in per_node] == [shipped, shipped]
+        assert [node["down_bytes"] for node in per_node] == [2 * payload_bytes(ArrayRecord(full))] * 2
+        assert entry["aggregation"]["method"] == "alternating" and entry["aggregation"]["error"] < 1e-5
+        assert entry["failures"] == []
+    final = load_saved_student(Path(results["artifacts"]["student"]))
+    final_a, initial_a = lora_a(final.state_dict()), lora_a(initial.state_dict())
+    assert all(not torch.equal(final_a[k], initial_a[k]) for k in initial_a)  # A trained in round 2
+    assert all(v.any() for k, v in final.state_dict().items() if ".lora_B" in k)  # B in round 1
+
+
+def test_exact_ships_the_residual_down_and_its_saved_adapter_loads_with_the_folded_base(tmp_path) -> None:
+    """The dense residual travels down with every message (counted), never up; the aggregate is
+    exact; the saved adapter, with the base it names (pre-trained weights + residual), loads in plain
+    PEFT and reproduces the server's final metrics."""
+    overrides = {**QUICK, "scheme": "fedlora", "lora-aggregation": "exact", **tiny_models()}
+    code, results = simulate(tmp_path, **overrides)
+    assert code == 0, results and results["run"]["error"]
+    config = make_config(**overrides)
+    full = shipped_state(build_student(config), config)
+    residual = {k: v for k, v in full.items() if ".residual." in k}
+    adapted = [k for k in full if ".lora_B." in k]
+    assert len(residual) == len(adapted) > 0
+    down = payload_bytes(ArrayRecord(full))
+    up = payload_bytes(ArrayRecord({k: v for k, v in full.items() if k not in residual}))
+    assert results["model"]["shipped_bytes_per_message"] == down
+    for entry in results["rounds"][1:]:
+        per_node = entry["communication"]["per_node"].values()
+        assert [(node["up_bytes"], node["down_bytes"]) for node in per_node] == [(up, 2 * down)] * 2
+        report = entry["aggregation"]
+        assert report["method"] == "exact" and report["error"] < 1e-5
+        assert report["residual_elements"] == sum(v.numel() for v in residual.values())
+    student_dir = Path(results["artifacts"]["student"])
+    model = load_saved_student(student_dir)
+    assert Path(model.peft_config["default"].base_model_name_or_path) == student_dir.with_name("student-base")
+    metrics = evaluate(model, loader_for(eval_split(config), config), model.device).metrics()
+    reported = results["rounds"][-1]["server"]["student"]
+    assert metrics["accuracy"] == reported["accuracy"]
+    assert metrics["loss"] == pytest.approx(reported["loss"], rel=1e-5)
