@@ -75,15 +75,20 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """All run-config keys, in the groups and order of pyproject.toml, which holds the defaults and
-    their meaning (`tests/test_config.py` checks that the two agree)."""
+class SchemeSettings:
+    """Which scheme runs on which task, for how long, from which seed."""
 
     # --- Scheme and task
     scheme: str
     task: str
     num_server_rounds: int
     seed: int
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """The student model and its LoRA adapter (the global rank)."""
+
     # --- Student and LoRA
     student_model: str
     student_layers: int
@@ -91,12 +96,24 @@ class RunConfig:
     lora_alpha: int
     lora_dropout: float
     lora_target_modules: str
+
+
+@dataclass(frozen=True)
+class LoraVariantSettings:
+    """How LoRA adapters are averaged and what dtype travels (`aggregation.py`)."""
+
     # --- LoRA variants and the wire
     lora_aggregation: str
     lora_residual_rank: int
     lora_freeze_a: bool
     lora_r_by_partition: str
     wire_dtype: str
+
+
+@dataclass(frozen=True)
+class ClientTrainingSettings:
+    """What each client does with its partition every round."""
+
     # --- Client training
     local_epochs: int
     client_lr: float
@@ -105,6 +122,12 @@ class RunConfig:
     length_grouped_batches: bool
     max_seq_length: int
     precision: str
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The GLUE data, the public slice, the partitions and client sampling."""
+
     # --- Data, partitions and sampling
     data_dir: str
     teacher_data_pct: float
@@ -116,6 +139,12 @@ class RunConfig:
     max_train_examples_per_client: int
     max_eval_examples: int
     centralized_public: bool
+
+
+@dataclass(frozen=True)
+class ServerStepSettings:
+    """FedKDLoRA's teacher and its server step (ignored by fedavg / fedlora)."""
+
     # --- FedKDLoRA server step: teacher, public slice, mutual distillation (ignored by fedavg / fedlora)
     teacher_model: str
     teacher_base_model: str
@@ -130,16 +159,34 @@ class RunConfig:
     server_student_signal: str
     kd_loss: str
     server_step_overlap: bool
+
+
+@dataclass(frozen=True)
+class ClientKdSettings:
+    """FedKDLoRA's optional client-side distillation from the frozen teacher."""
+
     # --- Client KD (FedKDLoRA): clients also distil from a frozen copy of the pre-trained teacher
     client_kd: bool
     kd_alpha: float
     kd_temperature: float
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Central DP through Flower's fixed-clipping wrappers (`privacy.py`)."""
+
     # --- Central differential privacy: Flower's fixed-clipping wrappers around the strategy
     dp_noise_multiplier: float
     dp_clipping_norm: float
     dp_clipping: str
     dp_delta: float
     dp_target_epsilon: float
+
+
+@dataclass(frozen=True)
+class RunControlSettings:
+    """Where results go, resuming, timeouts, progress lines and tracking."""
+
     # --- Run control: results, resume, timeouts, progress, tracking
     results_dir: str
     resume_from: str
@@ -148,6 +195,38 @@ class RunConfig:
     tracking: str
     tracking_uri: str
     tracking_experiment: str
+
+
+# The groups in pyproject.toml's order: a function that reads one group takes it as its type
+# (every RunConfig is one), e.g. `models.lora_config(settings: StudentSettings, ...)`.
+SETTINGS_GROUPS = (
+    SchemeSettings,
+    StudentSettings,
+    LoraVariantSettings,
+    ClientTrainingSettings,
+    DataSettings,
+    ServerStepSettings,
+    ClientKdSettings,
+    PrivacySettings,
+    RunControlSettings,
+)
+
+
+@dataclass(frozen=True)
+class RunConfig(  # bases last group first: a dataclass lists its bases' fields in reverse order
+    RunControlSettings,
+    PrivacySettings,
+    ClientKdSettings,
+    ServerStepSettings,
+    DataSettings,
+    ClientTrainingSettings,
+    LoraVariantSettings,
+    StudentSettings,
+    SchemeSettings,
+):
+    """All run-config keys: the groups of pyproject.toml, which holds the defaults and their meaning,
+    as base classes, so the fields keep pyproject's order (`tests/test_config.py` checks that the
+    two agree)."""
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], check_files: bool = True) -> RunConfig:

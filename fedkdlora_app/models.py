@@ -25,7 +25,7 @@ from peft import (
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from fedkdlora_app.atomic import atomic_dir
-from fedkdlora_app.config import RunConfig
+from fedkdlora_app.config import RunConfig, StudentSettings
 from fedkdlora_app.errors import ModelError
 from fedkdlora_app.lora import is_residual, residual_matrices, zero_residual
 from fedkdlora_app.protocol import LORA_A, LORA_B
@@ -158,7 +158,7 @@ def check_same_tokenizer(student_name: str, teacher_name: str, teacher_key: str)
 QUERY_VALUE_MODULES = {"distilbert": ["q_lin", "v_lin"]}
 
 
-def lora_config(config: RunConfig, model_type: str) -> LoraConfig:
+def lora_config(config: StudentSettings, model_type: str) -> LoraConfig:
     """PEFT LoRA for sequence classification; the head travels via modules_to_save.
 
     PEFT's SEQ_CLS default saves modules whose name ends in `classifier` or `score`:

@@ -32,7 +32,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from fedkdlora_app.config import ConfigError, RunConfig
+from fedkdlora_app.config import ConfigError, DataSettings, RunConfig
 from fedkdlora_app.results_format import Privacy
 from fedkdlora_app.strategy import TrackedFedAvg
 
@@ -43,7 +43,7 @@ class PrivacyBudgetReached(Exception):
     """The next round's release would spend more than `dp-target-epsilon`: the run ends before it."""
 
 
-def dp_sampled_clients(config: RunConfig) -> int:
+def dp_sampled_clients(config: DataSettings) -> int:
     """The cohort size the DP noise is calibrated for (FedAvg samples this many of the nodes)."""
     return max(1, int(config.min_available_nodes * config.fraction_train))
 

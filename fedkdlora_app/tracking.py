@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from flwr.common.logger import log
 
-from fedkdlora_app.config import ConfigError, RunConfig
+from fedkdlora_app.config import ConfigError, RunConfig, RunControlSettings
 from fedkdlora_app.results_format import Round, TrackingInfo
 
 BACKENDS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}  # tracking value -> module it needs
@@ -43,7 +43,7 @@ def round_metrics(entry: Round) -> dict[str, float]:
     return figures
 
 
-def default_uri(config: RunConfig) -> str:
+def default_uri(config: RunControlSettings) -> str:
     """Where a tracker writes unless `tracking-uri` says otherwise: inside `results-dir`."""
     results = Path(config.results_dir).resolve()
     if config.tracking == "mlflow":
@@ -51,7 +51,7 @@ def default_uri(config: RunConfig) -> str:
     return str(results / "tensorboard")
 
 
-def check_tracking(config: RunConfig) -> None:
+def check_tracking(config: RunControlSettings) -> None:
     """Before a run: the tracker's package must be installed where the run is checked."""
     module = BACKENDS.get(config.tracking)
     if module is not None and importlib.util.find_spec(module) is None:

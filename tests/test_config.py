@@ -5,10 +5,11 @@ from __future__ import annotations
 import inspect
 import json
 import re
+from dataclasses import fields
 
 import pytest
 
-from fedkdlora_app.config import ConfigError, NodeRun, RunConfig
+from fedkdlora_app.config import SETTINGS_GROUPS, ConfigError, NodeRun, RunConfig
 from tests.helpers import GLUE_DIR, REPO, default_run_config, make_config
 
 
@@ -181,7 +182,10 @@ def test_run_config_declares_the_keys_in_pyprojects_groups_and_order() -> None:
         return found
 
     table = (REPO / "pyproject.toml").read_text().split("[tool.flwr.app.config]\n")[1].split("\n[")[0]
-    source = inspect.getsource(RunConfig).split("@classmethod")[0].splitlines()
+    source = [line for group in SETTINGS_GROUPS for line in inspect.getsource(group).splitlines()]
     pyproject = groups(table.splitlines(), "# ---", r"([a-z0-9-]+) = ")
     in_code = groups(source, "# ---", r"    ([a-z0-9_]+): ")
     assert len(pyproject) == 9 and in_code == pyproject
+    # RunConfig is every group, its fields theirs in the same order: a function may take one group
+    assert [f.name for f in fields(RunConfig)] == [f.name for g in SETTINGS_GROUPS for f in fields(g)]
+    assert all(isinstance(make_config(), group) for group in SETTINGS_GROUPS)
