@@ -13,21 +13,35 @@ import os
 import sys
 import time
 from contextlib import AbstractContextManager
+from types import ModuleType
 
 import torch
 
 from fedkdlora_app.config import ConfigError
 
 
-def ray_gpu_ids() -> list[str] | None:
-    """The GPU ids Ray assigned to this process if it is a Ray worker (a simulated ClientApp), else None."""
+def ray_worker() -> ModuleType | None:
+    """Ray, if this process is a Ray worker (a simulated ClientApp), else None."""
     ray = sys.modules.get("ray")  # never imported here: a SuperNode needs no Ray
     # (another thread may be importing it right now: a half-imported module is no Ray worker)
     if ray is None or not callable(getattr(ray, "is_initialized", None)) or not ray.is_initialized():
         return None
     if ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return None  # the driver (the simulation's ServerApp) is given no GPU ids
-    return [str(gpu) for gpu in ray.get_gpu_ids()]
+    return ray
+
+
+def ray_gpu_ids() -> list[str] | None:
+    """The GPU ids Ray assigned to this process if it is a Ray worker (a simulated ClientApp), else None."""
+    ray = ray_worker()
+    return None if ray is None else [str(gpu) for gpu in ray.get_gpu_ids()]
+
+
+def ray_node_id() -> str:
+    """The Ray node (raylet) this process runs on if it is a Ray worker, else "": with the simulation
+    attached to a cluster of several machines (`RAY_ADDRESS`), which machine computed."""
+    ray = ray_worker()
+    return "" if ray is None else str(ray.get_runtime_context().get_node_id())
 
 
 def pick_device() -> torch.device:
@@ -60,6 +74,7 @@ def placement(device: torch.device, started: float) -> dict[str, str | int | flo
     return {
         "device": str(device),
         "ray_gpu_ids": ",".join(ids) if ids is not None else "",
+        "ray_node_id": ray_node_id(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "pid": os.getpid(),
         "peak_accelerator_memory_bytes": int(peak),

@@ -162,6 +162,7 @@ class Failure(TypedDict):
 class Placement(TypedDict):
     device: str
     ray_gpu_ids: str
+    ray_node_id: NotRequired[str]  # the Ray node (raylet) of a simulated client; "" elsewhere
     cuda_visible_devices: str
     pid: int
     peak_accelerator_memory_bytes: int

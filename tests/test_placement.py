@@ -1,13 +1,17 @@
-"""Where clients compute: Ray's GPU assignment honoured, recorded per node, fractional GPUs packed right."""
+"""Where clients compute: Ray's GPU assignment honoured, recorded per node, fractional GPUs packed right,
+and a simulation attached to a Ray cluster of two nodes."""
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 import types
+import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ import torch
 
 from fedkdlora_app.config import ConfigError
 from fedkdlora_app.devices import check_precision, pick_device, ray_gpu_ids
+from fedkdlora_tools.processes import MARKER_ENV, kill_marked, wait_until
 from tests.helpers import REPO, simulate
 
 
@@ -115,3 +120,56 @@ def test_the_learning_code_imports_without_flower_or_ray() -> None:
     )
     done = subprocess.run([sys.executable, "-c", blocked + modules], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture()
+def two_node_ray_cluster(tmp_path: Path) -> Iterator[str]:
+    """A Ray head and a worker node on this machine (two raylets, 1 CPU each); yields its address.
+
+    Every process of the cluster carries a marker in its environment, so all of them (workers
+    of other sessions' Ray untouched) are stopped afterwards.
+    """
+    marker = f"ray-cluster-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, MARKER_ENV: marker}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray = str(Path(sys.executable).parent / "ray")
+    common = ["--num-cpus=1", "--num-gpus=0", "--block", "--disable-usage-stats"]
+    starts = {
+        "head": [ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+        "worker": [ray, "start", f"--address=127.0.0.1:{port}", *common],
+    }
+    try:
+        for name, command in starts.items():
+            log = tmp_path / f"ray-{name}.log"
+            with log.open("w") as out:
+                subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            wait_until(f"Ray {name} node", lambda log=log: "Ray runtime started" in log.read_text(), 120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        kill_marked(marker)
+
+
+@pytest.mark.slow
+def test_a_simulation_attached_to_a_two_node_ray_cluster_uses_both_nodes(
+    tmp_path: Path, two_node_ray_cluster: str, monkeypatch
+) -> None:
+    """With RAY_ADDRESS set, Flower's simulation joins the cluster instead of starting its own Ray:
+    2 clients at 1 CPU each, on two nodes of 1 CPU each, so each node hosts one client's actor."""
+    monkeypatch.setenv("RAY_ADDRESS", two_node_ray_cluster)
+    code, results = simulate(
+        tmp_path / "results",
+        "num-supernodes=2 client-resources-num-cpus=1",
+        scheme="fedlora",
+        **{
+            "num-server-rounds": 1,
+            "max-train-examples-per-client": 8,
+            "max-eval-examples": 16,
+            "batch-size": 8,
+        },
+    )
+    assert code == 0, results and results["run"]["error"]
+    placement = results["rounds"][1]["placement"]
+    nodes = {where["ray_node_id"] for stages in placement.values() for where in stages.values()}
+    assert len(placement) == 2 and "" not in nodes and len(nodes) == 2, placement
