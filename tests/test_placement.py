@@ -22,6 +22,14 @@ from fedkdlora_app.devices import check_precision, pick_device, ray_gpu_ids
 from fedkdlora_tools.processes import MARKER_ENV, kill_marked, wait_until
 from tests.helpers import REPO, simulate
 
+# A run that is about where clients compute, not what they learn.
+ONE_SMALL_ROUND = {
+    "num-server-rounds": 1,
+    "max-train-examples-per-client": 8,
+    "max-eval-examples": 16,
+    "batch-size": 8,
+}
+
 
 def fake_ray(gpu_ids: list[int], worker: bool = True) -> types.ModuleType:
     """What a Ray actor (a simulated ClientApp) sees of Ray: its mode and its assigned GPUs."""
@@ -80,13 +88,7 @@ def test_eight_clients_at_half_a_gpu_over_four_logical_gpus_two_at_a_time(tmp_pa
         tmp_path,
         federation,
         scheme="fedlora",
-        **{
-            "num-server-rounds": 1,
-            "max-train-examples-per-client": 8,
-            "max-eval-examples": 16,
-            "batch-size": 8,
-            "min-available-nodes": 8,
-        },
+        **{**ONE_SMALL_ROUND, "min-available-nodes": 8},
     )
     assert code == 0, results and results["run"]["error"]
     placement = results["rounds"][1]["placement"]
@@ -162,12 +164,7 @@ def test_a_simulation_attached_to_a_two_node_ray_cluster_uses_both_nodes(
         tmp_path / "results",
         "num-supernodes=2 client-resources-num-cpus=1",
         scheme="fedlora",
-        **{
-            "num-server-rounds": 1,
-            "max-train-examples-per-client": 8,
-            "max-eval-examples": 16,
-            "batch-size": 8,
-        },
+        **ONE_SMALL_ROUND,
     )
     assert code == 0, results and results["run"]["error"]
     placement = results["rounds"][1]["placement"]
