@@ -87,6 +87,7 @@ def test_heterogeneous_ranks_with_svd_over_a_float16_wire(tmp_path) -> None:
         assert all(math.isfinite(server[k]) for k in ("loss", "accuracy", "mcc"))
 
 
+@pytest.mark.slow  # the fast tier proves alternating exact in test_lora_aggregation.py
 def test_alternating_ships_one_factor_each_round_and_aggregates_exactly(tmp_path) -> None:
     """B and the head travel up in round 1, A and the head in round 2: each half the LoRA uplink;
     the full state travels down; the aggregate is the exact mean (error at float rounding)."""
