@@ -36,7 +36,8 @@ def free_port() -> int:
 
 
 def flower_env(flwr_home: Path, local_superlink_ports: bool = False) -> dict[str, str]:
-    """For Flower's commands: this venv first on PATH, a private FLWR_HOME, no `uv sync` per run.
+    """For Flower's commands: this venv first on PATH, a private FLWR_HOME, no `uv sync` per run,
+    and a simulation Ray of its own unless RAY_ADDRESS names a cluster to attach to.
 
     `local_superlink_ports`: free ports for the local SuperLink that `flwr run` starts in
     simulation, so several runs on one machine do not collide.
@@ -47,6 +48,9 @@ def flower_env(flwr_home: Path, local_superlink_ports: bool = False) -> dict[str
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
+    # Without an address `ray.init()` joins the cluster the last `ray start` on this machine
+    # wrote down, even one that is gone; "local" starts a new one.
+    env["RAY_ADDRESS"] = env.get("RAY_ADDRESS") or "local"
     if local_superlink_ports:
         env.update(
             FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),

@@ -22,6 +22,9 @@ for _name, _path in {
     "MPLCONFIGDIR": _HOME / ".config" / "matplotlib",
 }.items():
     os.environ[_name] = str(_path)
+# Ray's sessions and its note of the last `ray start` cluster, apart from the machine's /tmp/ray
+# (short: Ray's socket paths must fit in 107 characters).
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="fkray-")
 os.environ.pop("HF_DATASETS_CACHE", None)
 os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
 os.environ.pop("HF_HUB_CACHE", None)

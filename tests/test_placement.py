@@ -59,6 +59,26 @@ def test_the_launcher_leaves_ray_hiding_gpus_from_clients_given_none(tmp_path: P
     assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in flower_env(tmp_path, local_superlink_ports=True)
 
 
+def test_the_launcher_starts_its_own_ray_unless_told_to_attach(tmp_path: Path, monkeypatch) -> None:
+    """Ray's `ray.init()` attaches to the last cluster `ray start` wrote down, even a dead one: a
+    simulation started then joins (or fails on) a cluster nobody meant it for. The launcher's
+    Flower commands resolve to a Ray of their own, unless RAY_ADDRESS names a cluster."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    from fedkdlora_tools.flower_cli import flower_env
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # left by a stopped cluster
+    assert canonicalize_bootstrap_address(None).endswith(":9")  # what plain Ray would join
+    monkeypatch.setattr(os, "environ", flower_env(tmp_path / "flwr", local_superlink_ports=True))
+    assert canonicalize_bootstrap_address(None) is None  # a Ray of its own
+    monkeypatch.setattr(os, "environ", {**os.environ, "RAY_ADDRESS": "127.0.0.1:6379"})
+    monkeypatch.setattr(os, "environ", flower_env(tmp_path / "flwr"))
+    assert canonicalize_bootstrap_address(None).endswith(":6379")  # the cluster the user named
+
+
 def test_bfloat16_where_the_device_lacks_it_is_one_line_naming_the_key() -> None:
     check_precision("float32", torch.device("cpu"))
     with pytest.raises(ConfigError) as error:
