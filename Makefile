@@ -28,9 +28,8 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# Tests in two workers (tests that share a built fixture stay in one, tests/conftest.py): the fast
-# ones, then the slow ones (deployments, multi-node runs), then those marked `alone`, whose timed
-# waits (a round timeout against the SuperLink's heartbeat) need the cores to themselves.
+# The fast tests in two workers (tests that share a built fixture stay in one, tests/conftest.py);
+# the slow ones (deployments with round timeouts, multi-node runs) after them, alone on the cores.
 PYTEST := $(PY) -m pytest -n 2 --dist loadgroup
 
 test: lint
@@ -38,8 +37,7 @@ test: lint
 
 test-full: lint
 	$(PYTEST) -m "not slow"
-	$(PYTEST) -m "slow and not alone"
-	$(PY) -m pytest -m alone
+	$(PY) -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

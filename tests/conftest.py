@@ -35,10 +35,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "slow: deployments and multi-node runs; `make test` leaves them out, `make test-full` runs them",
     )
-    config.addinivalue_line(
-        "markers",
-        "alone: a slow test whose timed waits need the cores to itself; `make test-full` runs it last, alone",
-    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -333,7 +333,6 @@ def test_a_lost_supernode_does_not_stop_the_run(tmp_path: Path, netns: bool) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.alone  # beside a second worker on 2 cores, the live node's round timed out too
 @DEPLOYMENTS
 @pytest.mark.parametrize("netns", [pytest.param(NETNS, id="netns" if NETNS else "loopback")])
 def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teacher(
