@@ -205,15 +205,17 @@ class UpdateAggregator:
             mean, svd_report = self._svd_mean(states, weights, pairs, mean)
             report.update(svd_report)
         clients = [{**previous, **state} for state in states]  # each client's whole model
+        # the exact mean of the clients' models, per adapted matrix (empty for FedAvg)
+        target = weighted_sum([adapted_weights(client, self.lora_alpha) for client in clients], weights)
         if self.method == "exact":
-            residual, residual_report = self._residual(clients, weights, {**previous, **mean})
+            residual, residual_report = self._residual(target, {**previous, **mean})
             mean.update(residual)
             report.update(residual_report)
         order = previous or states[0]  # keep the shipped key order
         ordered = {key: mean[key] if key in mean else previous[key] for key in order}
         if not lora_pairs(ordered):
             return to_wire(ordered, self.wire_dtype), None  # FedAvg; FFA-LoRA (A never travels): exact
-        report["error"] = self._error(clients, weights, previous, ordered)
+        report["error"] = self._error(target, previous, ordered)
         return to_wire(ordered, self.wire_dtype), report
 
     def _svd_mean(
@@ -243,11 +245,10 @@ class UpdateAggregator:
         return mean, report
 
     def _residual(
-        self, clients: list[dict[str, torch.Tensor]], weights: list[float], averaged: dict[str, torch.Tensor]
+        self, target: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The residual that makes `averaged` (naive factors) the exact mean: mean of the clients'
-        adapted weights (their residual included) less the averaged factors' B·A·alpha/r."""
-        target = weighted_sum([adapted_weights(client, self.lora_alpha) for client in clients], weights)
+        """The residual that makes `averaged` (naive factors) the exact mean `target` (the clients'
+        adapted weights, their residual included): `target` less the averaged factors' B·A·alpha/r."""
         residuals = {
             module: target[module] - delta_weight(averaged[key_a], averaged[key_b], self.lora_alpha)
             for module, (key_a, key_b) in lora_pairs(averaged).items()
@@ -261,18 +262,14 @@ class UpdateAggregator:
         return state, report
 
     def _error(
-        self,
-        clients: list[dict[str, torch.Tensor]],
-        weights: list[float],
-        previous: dict[str, torch.Tensor],
-        new: dict[str, torch.Tensor],
+        self, exact: dict[str, torch.Tensor], previous: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
     ) -> float:
-        """||new global update - exact mean update||_F / ||exact mean update||_F, over all adapted matrices.
+        """||new global update - exact mean update||_F / ||exact mean update||_F, over all adapted matrices
+        (`exact`: the clients' mean adapted weights).
 
         Updates are taken from the global model the clients trained from (`previous`; without it,
         from the pre-trained weights). 0 when the new global model is the clients' exact mean.
         """
-        exact = weighted_sum([adapted_weights(client, self.lora_alpha) for client in clients], weights)
         got = adapted_weights(new, self.lora_alpha)
         start = adapted_weights(previous, self.lora_alpha) if previous else {}
         off = sum(float((got[m] - exact[m]).pow(2).sum()) for m in exact)
