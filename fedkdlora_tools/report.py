@@ -322,8 +322,10 @@ def _rounds_cell(group: RunGroup) -> str:
 
 
 def _cell(column: str, values: list[float | None]) -> str:
-    if len(values) == 1 or None in values:
-        return _fmt(column, values[0] if None not in values else None)
+    if None in values:  # a run without the figure (FedAvg or FFA-LoRA: no aggregation error)
+        return _fmt(column, None)
+    if len(values) == 1:
+        return _fmt(column, values[0])
     return f"{_fmt(column, float(np.mean(values)))} ± {_fmt(column, float(np.std(values, ddof=1)))}"
 
 
