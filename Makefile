@@ -28,16 +28,15 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# The fast tests in two workers (tests that share a built fixture stay in one, tests/conftest.py);
-# the slow ones (deployments with round timeouts, multi-node runs) after them, alone on the cores.
+# Two workers; tests that share a built fixture stay in one (tests/conftest.py), and so do the
+# deployments (one after another: each starts a SuperLink and up to four SuperNodes).
 PYTEST := $(PY) -m pytest -n 2 --dist loadgroup
 
 test: lint
 	$(PYTEST) -m "not slow"
 
 test-full: lint
-	$(PYTEST) -m "not slow"
-	$(PY) -m pytest -m slow
+	$(PYTEST)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -37,11 +37,14 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `pytest -n 2 --dist loadgroup` (the Makefile's), tests sharing an expensive fixture of
     this suite run in one worker, so it is built once: the users of a session fixture form one
-    group, those of a module fixture one group per module."""
+    group, those of a module fixture one group per module. A group a test module names wins."""
     for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
         info = getattr(item, "_fixtureinfo", None)
         scopes = {
             name: defs[-1].scope

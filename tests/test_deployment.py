@@ -53,7 +53,7 @@ PRIVATE_FS = mount_namespaces_available()
 
 # Deployments run one after another in one pytest-xdist worker: each starts a SuperLink and up
 # to four SuperNodes, and two at once on 2 cores can outlast a round timeout.
-DEPLOYMENTS = pytest.mark.xdist_group("test_deployment")
+pytestmark = pytest.mark.xdist_group("deployments")
 
 
 def marked_processes(marker: str) -> list[psutil.Process]:
@@ -249,7 +249,6 @@ def test_every_process_of_the_deployment_is_gone(secure_run: SecureRun) -> None:
 
 
 @pytest.mark.slow
-@DEPLOYMENTS
 def test_cleanup_on_failure_and_the_insecure_flag(tmp_path: Path) -> None:
     """An exception inside the deployment still stops SuperLink, SuperNode and their children."""
     with (
@@ -285,7 +284,6 @@ def test_an_exported_partition_is_exactly_the_nodes_examples(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-@DEPLOYMENTS
 @pytest.mark.parametrize("netns", [pytest.param(NETNS, id="netns" if NETNS else "loopback")])
 def test_a_lost_supernode_does_not_stop_the_run(tmp_path: Path, netns: bool) -> None:
     """4 SuperNodes; one is stopped while it trains round 1. Round 1 completes with the 3 other
@@ -333,7 +331,6 @@ def test_a_lost_supernode_does_not_stop_the_run(tmp_path: Path, netns: bool) -> 
 
 
 @pytest.mark.slow
-@DEPLOYMENTS
 @pytest.mark.parametrize("netns", [pytest.param(NETNS, id="netns" if NETNS else "loopback")])
 def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teacher(
     tmp_path: Path, netns: bool
