@@ -29,14 +29,16 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # Two workers; tests that share a built fixture stay in one (tests/conftest.py), and so do the
-# deployments (one after another: each starts a SuperLink and up to four SuperNodes).
+# deployments (one after another: each starts a SuperLink and up to four SuperNodes). The slow
+# tests run after the others: beside them, a deployment's round timeout can pass.
 PYTEST := $(PY) -m pytest -n 2 --dist loadgroup
 
 test: lint
 	$(PYTEST) -m "not slow"
 
 test-full: lint
-	$(PYTEST)
+	$(PYTEST) -m "not slow"
+	$(PYTEST) -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
