@@ -301,7 +301,8 @@ def markdown_table(runs: list[RunResult], target: float | None = None, seconds: 
 
 def aggregation_error_table(runs: list[RunResult]) -> str:
     """Per configuration and round, the aggregate's relative distance from the exact mean of the
-    clients' updates (mean ± std over seeds); "" when no run reported it."""
+    clients' updates (mean ± std over seeds; "(k/n seeds)" where only k of a row's n runs reported
+    it, e.g. runs of older code); "" when no run reported it."""
     groups = [g for g in group_runs(runs) if any(run.aggregation_errors() for run in g.runs)]
     if not groups:
         return ""
@@ -311,7 +312,8 @@ def aggregation_error_table(runs: list[RunResult]) -> str:
         cells = []
         for n in rounds:
             values = [errors[n] for run in group.runs if n in (errors := run.aggregation_errors())]
-            cells.append(_cell("agg error", values) if values else "-")
+            share = f" ({len(values)}/{len(group.runs)} seeds)" if len(values) < len(group.runs) else ""
+            cells.append(_cell("agg error", values) + share if values else "-")
         lines.append(f"| {group.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -387,3 +387,19 @@ def test_the_teachers_contribution_is_measured_against_the_labels_control(tmp_pa
     ]
     assert _row(table, "fedlora")[-2:] == ["-", "-"]  # FedLoRA has no server step to compare
     assert [run.label(report.varying_keys(runs)) for run in runs[:1]] == ["fedlora"]
+
+
+def test_the_aggregation_error_table_says_how_many_seeds_reported_a_round(tmp_path) -> None:
+    """Runs of older code record no aggregation error: a round's cell says how many seeds it averages."""
+    reported = _results("fedlora", [0.5, 0.6, 0.7], seed=44)
+    for entry, error in zip(reported["rounds"][1:], (0.25, 0.125), strict=True):
+        entry["aggregation"] = {"error": error}
+    both = [_results("fedlora", [0.5, 0.6, 0.7], seed=42), reported]
+    assert _row(report.aggregation_error_table(_load(tmp_path, both)), "fedlora") == [
+        "fedlora",
+        "0.250 (1/2 seeds)",
+        "0.125 (1/2 seeds)",
+    ]
+    reported_twice = [reported, {**reported, "config": {**reported["config"], "seed": 45}}]
+    table = report.aggregation_error_table(_load(tmp_path, reported_twice))
+    assert _row(table, "fedlora")[1].startswith("0.250 ± 0")
