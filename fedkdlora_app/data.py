@@ -13,11 +13,11 @@ import csv
 import json
 from functools import cache, cached_property, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import pandas as pd
 import torch
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -26,6 +26,9 @@ from fedkdlora_app.config import RunConfig
 from fedkdlora_app.errors import DataError
 from fedkdlora_app.losses import UNLABELLED
 from fedkdlora_app.models import load_tokenizer
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 HUB_DATASET = "nyu-mll/glue"
 # nyu-mll/glue's label names; both sources give its schema, so nothing downstream can tell them apart.
@@ -170,7 +173,13 @@ def labelled_public(config: RunConfig) -> datasets.Dataset:
 
 
 def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
-    """The run-config's partitioning as a `flwr-datasets` partitioner."""
+    """The run-config's partitioning as a `flwr-datasets` partitioner.
+
+    flwr-datasets is imported here, not at the top: every message on a SuperNode runs in a
+    fresh ClientApp process, and one holding its own exported partition never partitions.
+    """
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     if config.partitioning == "dirichlet":
         return DirichletPartitioner(
             num_partitions=num_partitions,
@@ -241,6 +250,8 @@ def client_eval_shard(config: RunConfig, partition_id: int, num_partitions: int)
             f"run-config key 'max-eval-examples' = {config.max_eval_examples}: "
             f"{len(examples)} evaluation examples cannot give each of {num_partitions} clients a shard"
         )
+    from flwr_datasets.partitioner import IidPartitioner  # see make_partitioner
+
     partitioner = IidPartitioner(num_partitions=num_partitions)
     partitioner.dataset = examples
     return partitioner.load_partition(partition_id)

@@ -144,6 +144,15 @@ def test_the_client_side_imports_no_server_code() -> None:
         assert not flower, (name, flower)
 
 
+def test_a_clientapp_process_loads_no_partitioner_until_it_partitions() -> None:
+    """Flower 1.42 starts a fresh ClientApp process for every message on a SuperNode; one holding its
+    own exported partition never partitions, so it never pays flwr-datasets' import (which loads
+    its plotting helpers: seaborn, scipy.stats, matplotlib)."""
+    code = "import sys, fedkdlora_app.client_app; print('flwr_datasets' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.strip() == "False"
+
+
 def test_the_tools_import_without_side_effects(tmp_path) -> None:
     """Importing the tools keeps the user's plotting backend and needs no deploy/ scripts (a copy
     without them imports; asking for the scripts then names where it looked)."""
