@@ -29,16 +29,15 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # Two workers; tests that share a built fixture stay in one (tests/conftest.py), and so do the
-# deployments (one after another: each starts a SuperLink and up to four SuperNodes). The slow
-# tests run after the others: beside them, a deployment's round timeout can pass.
+# deployments (one after another: each starts a SuperLink and up to three SuperNodes). The full
+# tier keeps the suite's order (tests/conftest.py `run_order`): the deployments start first.
 PYTEST := $(PY) -m pytest -n 2 --dist loadgroup
 
 test: lint
 	$(PYTEST) -m "not slow"
 
 test-full: lint
-	$(PYTEST) -m "not slow"
-	$(PYTEST) -m slow
+	$(PYTEST) --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, matthews_corrcoef
 
 if TYPE_CHECKING:  # the learning code imports this module without Flower (bench/gpu_check.py)
     from flwr.app import MetricRecord, RecordDict
@@ -35,6 +34,10 @@ class EvalCounts:
 
     @classmethod
     def from_predictions(cls, loss_sum: float, labels: np.ndarray, predictions: np.ndarray) -> EvalCounts:
+        # imported here: a ClientApp process (one per message on a SuperNode) that only trains
+        # never pays scikit-learn's import
+        from sklearn.metrics import confusion_matrix
+
         tn, fp, fn, tp = confusion_matrix(labels, predictions, labels=[0, 1]).ravel()
         return cls(float(loss_sum), int(tn), int(fp), int(fn), int(tp))
 
@@ -50,6 +53,8 @@ class EvalCounts:
 
     def metrics(self) -> dict[str, float | int]:
         """Mean per-example loss, accuracy, MCC, example count and the counts themselves."""
+        from sklearn.metrics import matthews_corrcoef  # see from_predictions
+
         n = self.num_examples
         # MCC from the confusion matrix: one example per cell, weighted by its count.
         mcc = matthews_corrcoef(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -186,21 +187,31 @@ def wait_for_run(
     timeout: float,
     check: Callable[[], None] | None = None,
     poll: float = 2.0,
+    ended: Callable[[], bool] | None = None,
+    idle_poll: float = 15.0,
 ) -> tuple[str, str]:
     """Poll until the run is finished (`finished:completed|failed|stopped`) or `timeout` passes.
 
-    `check` runs every poll (e.g. "the SuperLink is still alive") and may raise.
+    `check` runs every poll (e.g. "the SuperLink is still alive") and may raise. Each
+    `flwr list` is a process of about 1.5 s CPU, which a small deployment host would
+    spend beside its ClientApps: given `ended`, a cheap local sign that the run is over
+    (its results file says so), Flower is asked every `poll` s once `ended()` holds and
+    every `idle_poll` s before (a run may fail before writing anything).
     """
     deadline = time.monotonic() + timeout
     status, details = "unknown", ""
+    asked = -math.inf
     while time.monotonic() < deadline:
-        with contextlib.suppress(ProcessError):  # a busy SuperLink may miss one poll
-            status, details = run_status(env, connection, run_id)
-            if status.startswith(FINISHED):
-                return status, details
+        wait = poll if ended is None or ended() else idle_poll
+        if time.monotonic() - asked >= wait:
+            asked = time.monotonic()
+            with contextlib.suppress(ProcessError):  # a busy SuperLink may miss one poll
+                status, details = run_status(env, connection, run_id)
+                if status.startswith(FINISHED):
+                    return status, details
         if check is not None:
             check()
-        time.sleep(poll)
+        time.sleep(min(poll, 0.5) if ended is not None else poll)
     raise ProcessError(f"run {run_id} not finished after {timeout:.0f} s (last status {status!r})")
 
 

@@ -56,6 +56,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(session[0]))
         elif "module" in scopes.values():
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=run_order)
+
+
+def run_order(item: pytest.Item) -> tuple[bool, bool]:
+    """Longest first, so that no worker is left with them at the end: the deployments (one group,
+    run one after another: the full tier's longest path), then the other `slow` tests, then the
+    rest. `make test-full` keeps this order (`--no-loadscope-reorder`); by default pytest-xdist
+    reorders groups by their number of tests."""
+    group = item.get_closest_marker("xdist_group")
+    return (not (group and group.args[0] == "deployments"), item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import math
 import signal
 import socket
@@ -30,10 +32,10 @@ from fedkdlora_app.data import DataError, client_eval_shard, client_train_partit
 from fedkdlora_app.models import build_student, shipped_state
 from fedkdlora_app.wire import to_wire
 from fedkdlora_tools.deployment.hosts import mount_namespaces_available, netns_available
-from fedkdlora_tools.deployment.local import LocalDeployment, RunOutcome
+from fedkdlora_tools.deployment.local import LocalDeployment, RunOutcome, results_record_an_end
 from fedkdlora_tools.deployment.partitions import config_with, export_partition
 from fedkdlora_tools.deployment.scenarios import lose_and_restore
-from fedkdlora_tools.flower_cli import flwr_json, run_traffic
+from fedkdlora_tools.flower_cli import flwr_json, run_traffic, wait_for_run
 from fedkdlora_tools.processes import MARKER_ENV, ManagedProcess, wait_until
 from tests.helpers import GLUE_DIR, REPO, make_config, model_message_bytes
 from tests.hub_fixtures import write_bert_pair
@@ -52,7 +54,7 @@ PRIVATE_FS = mount_namespaces_available()
 
 
 # Deployments run one after another in one pytest-xdist worker: each starts a SuperLink and up
-# to four SuperNodes, and two at once on 2 cores can outlast a round timeout.
+# to three SuperNodes, and two at once on 2 cores can outlast a round timeout.
 pytestmark = pytest.mark.xdist_group("deployments")
 
 
@@ -283,51 +285,41 @@ def test_an_exported_partition_is_exactly_the_nodes_examples(tmp_path: Path) -> 
         client_train_partition(node, 0, 2)  # another node's folder is refused, not silently used
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("netns", [pytest.param(NETNS, id="netns" if NETNS else "loopback")])
-def test_a_lost_supernode_does_not_stop_the_run(tmp_path: Path, netns: bool) -> None:
-    """4 SuperNodes; one is stopped while it trains round 1. Round 1 completes with the 3 other
-    replies and records the failure under its node id; round 2 trains on the 3 live nodes; the
-    node comes back during round 2 (same node id) and is sampled again for round 2's evaluation."""
-    run_config = {
-        **QUICK,
-        "num-server-rounds": 2,
-        "results-dir": str(tmp_path / "results"),
-        "min-available-nodes": 3,  # the strategy may go on with 3 of 4
-    }
-    victim = 3
-    deployment = LocalDeployment(tmp_path, num_supernodes=4, netns=netns, app_dir=REPO)
-    give_own_partitions(deployment, run_config)
-    with deployment:
-        try:
-            for index in range(4):
-                deployment.start_supernode(index)
-            lost_id = deployment.node_ids[victim]
-            during = lose_and_restore(deployment, victim, in_round=1, restore_in_round=2, sig=signal.SIGTERM)
-            outcome = deployment.run(run_config, timeout=500, during=during)
-            stopped = next(p for name, p in deployment.processes.items() if name.startswith("supernode-3-"))
-            back = deployment.processes["supernode-3"]
-        except BaseException:
-            print(deployment.log_tails())
-            raise
-    assert outcome.status == "finished:completed", outcome.details
-    rounds = outcome.results["rounds"]
-    assert outcome.results["run"]["status"] == "completed" and outcome.rounds_completed == 2
-    # stopped mid-round: it had received its round-1 train message and sent no reply
-    assert stopped.log().count("Receiving: train message") == 1 and "Sent successfully" not in stopped.log()
-    assert [(f["stage"], f["node_id"]) for f in rounds[1]["failures"]] == [("train", lost_id)]
-    assert "Node Unavailable" in rounds[1]["failures"][0]["reason"]
-    assert rounds[1]["clients"]["train"]["num_examples"] == 3 * 32  # the round completed with 3 replies
-    assert math.isfinite(rounds[1]["server"]["student"]["loss"])
-    # round 2 trained on the live nodes only, without failures
-    assert rounds[2]["failures"] == []
-    assert rounds[2]["clients"]["train"]["num_examples"] == 3 * 32
-    assert rounds[2]["communication"]["up_bytes"] == 3 * model_message_bytes(**QUICK)
-    # with authentication the node comes back under the same id, and is sampled again
-    assert deployment.supernode_id(back) == lost_id
-    assert "Receiving: evaluate message" in back.log()
-    assert rounds[2]["clients"]["evaluate"]["num_examples"] == 64  # all four eval shards
-    assert marked_processes(deployment.marker) == []
+FAKE_FLWR = """#!/bin/sh
+echo call >> "$CALLS"
+status=running; [ -e "$ENDED" ] && status=finished:completed
+echo '{"success": true, "runs": [{"run-id": "7", "status": "'$status'", "status-details": ""}]}'
+"""
+
+
+def test_waiting_for_a_run_asks_flower_seldom_until_its_results_record_an_end(tmp_path: Path) -> None:
+    """Each `flwr list` costs a deployment host about 1.5 s CPU: while the results file says the run
+    goes on, Flower is asked every `idle_poll` s; once it records an end, at once."""
+    bin_dir, results = tmp_path / "bin", tmp_path / "results"
+    bin_dir.mkdir(), results.mkdir()
+    (bin_dir / "flwr").write_text(FAKE_FLWR)
+    (bin_dir / "flwr").chmod(0o755)
+    calls, ended_flag = tmp_path / "calls", tmp_path / "ended"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls), "ENDED": str(ended_flag)}
+    before = set(results.glob("*.json"))
+    record = results / "run.json"
+    record.write_text(json.dumps({"run": {"status": "running"}}))
+
+    def end_after(seconds: float) -> None:
+        time.sleep(seconds)
+        record.write_text(json.dumps({"run": {"status": "completed"}}))
+        ended_flag.touch()
+
+    threading.Thread(target=end_after, args=(3.0,), daemon=True).start()
+    started = time.monotonic()
+    status, _ = wait_for_run(
+        env, "conn", 7, timeout=30, poll=0.2, idle_poll=20.0,
+        ended=functools.partial(results_record_an_end, results, before),
+    )  # fmt: skip
+    assert status == "finished:completed"
+    assert 3.0 <= time.monotonic() - started < 6.0  # the end is seen within a poll, not an idle poll
+    assert calls.read_text().count("call") == 2  # once at the start, once when the file recorded the end
+    assert not results_record_an_end(results, {record})  # only files written since `before` count
 
 
 @pytest.mark.slow
@@ -420,7 +412,54 @@ def test_a_hung_client_costs_one_timeout_and_a_restarted_client_keeps_its_teache
     # the restarted node: same id, trained round 2 with its cached teacher; only the hung node,
     # which never replied to a train message, is shipped the teacher again
     assert deployment.supernode_id(back) == ids[restarted]
-    assert round2["failures"] == [] and round2["aggregated_updates"] == 2
+    assert round2["failures"] == [] and round2["aggregated_updates"] == 2, (round2, deployment.log_tails())
     per_node_teacher = round1["communication"]["down_bytes_teacher"] // 2
     assert round2["communication"]["down_bytes_teacher"] == per_node_teacher
+    assert marked_processes(deployment.marker) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("netns", [pytest.param(NETNS, id="netns" if NETNS else "loopback")])
+def test_a_lost_supernode_does_not_stop_the_run(tmp_path: Path, netns: bool) -> None:
+    """3 SuperNodes; one is stopped while it trains round 1. Round 1 completes with the 2 other
+    replies and records the failure under its node id; round 2 trains on the 2 live nodes; the
+    node comes back during round 2 (same node id) and is sampled again for round 2's evaluation."""
+    run_config = {
+        **QUICK,
+        "num-server-rounds": 2,
+        "results-dir": str(tmp_path / "results"),
+        "min-available-nodes": 2,  # the strategy may go on with 2 of 3
+    }
+    victim = 2
+    deployment = LocalDeployment(tmp_path, num_supernodes=3, netns=netns, app_dir=REPO)
+    give_own_partitions(deployment, run_config)
+    with deployment:
+        try:
+            for index in range(3):
+                deployment.start_supernode(index)
+            lost_id = deployment.node_ids[victim]
+            during = lose_and_restore(deployment, victim, in_round=1, restore_in_round=2, sig=signal.SIGTERM)
+            outcome = deployment.run(run_config, timeout=500, during=during)
+            stopped = next(p for name, p in deployment.processes.items() if name.startswith("supernode-2-"))
+            back = deployment.processes["supernode-2"]
+        except BaseException:
+            print(deployment.log_tails())
+            raise
+    assert outcome.status == "finished:completed", outcome.details
+    rounds = outcome.results["rounds"]
+    assert outcome.results["run"]["status"] == "completed" and outcome.rounds_completed == 2
+    # stopped mid-round: it had received its round-1 train message and sent no reply
+    assert stopped.log().count("Receiving: train message") == 1 and "Sent successfully" not in stopped.log()
+    assert [(f["stage"], f["node_id"]) for f in rounds[1]["failures"]] == [("train", lost_id)]
+    assert "Node Unavailable" in rounds[1]["failures"][0]["reason"]
+    assert rounds[1]["clients"]["train"]["num_examples"] == 2 * 32  # the round completed with 2 replies
+    assert math.isfinite(rounds[1]["server"]["student"]["loss"])
+    # round 2 trained on the live nodes only, without failures
+    assert rounds[2]["failures"] == []
+    assert rounds[2]["clients"]["train"]["num_examples"] == 2 * 32
+    assert rounds[2]["communication"]["up_bytes"] == 2 * model_message_bytes(**QUICK)
+    # with authentication the node comes back under the same id, and is sampled again
+    assert deployment.supernode_id(back) == lost_id
+    assert "Receiving: evaluate message" in back.log()
+    assert rounds[2]["clients"]["evaluate"]["num_examples"] == 64  # all three eval shards
     assert marked_processes(deployment.marker) == []

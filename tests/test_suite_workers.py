@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
+
 CONFTEST = """
 import os
 import pytest
@@ -59,3 +61,38 @@ def test_tests_in_one_xdist_group_share_one_worker_and_one_fixture_build(tmp_pat
         f"a group's session fixture was built in {workers} workers: this pytest ({pytest.__version__}) and "
         "pytest-xdist ignore xdist_group; install the dev extra's pins"
     )
+
+
+ORDER_PLUGIN = """
+def pytest_collection_finish(session):
+    with open(__import__("os").environ["ORDER_LOG"], "w") as log:
+        for item in session.items:
+            group = item.get_closest_marker("xdist_group")
+            slow = item.get_closest_marker("slow") is not None
+            log.write(f"{group.args[0] if group else '-'} {int(slow)} {item.nodeid}\\n")
+"""
+
+
+def test_the_full_tier_starts_with_the_deployments_then_the_other_slow_tests(tmp_path: Path) -> None:
+    """`make test-full` keeps the suite's order: the deployments group (its longest path) must start at
+    once, and the other slow tests before the fast ones, or one worker is left with them at the end."""
+    (tmp_path / "order_plugin.py").write_text(textwrap.dedent(ORDER_PLUGIN))
+    log = tmp_path / "order.log"
+    env = {**os.environ, "ORDER_LOG": str(log), "PYTHONPATH": str(tmp_path)}
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--collect-only",
+        "-q",
+        "-p",
+        "order_plugin",
+        "-p",
+        "no:cacheprovider",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split(" ", 2) for line in log.read_text().splitlines()]
+    kinds = [0 if group == "deployments" else 1 if slow == "1" else 2 for group, slow, _ in rows]
+    assert kinds == sorted(kinds), [row[2] for row in rows[: kinds.index(2) + 1]]
+    assert kinds[0] == 0 and kinds.count(1) >= 5 and 2 in kinds

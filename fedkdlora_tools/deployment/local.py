@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import json
 import re
 import signal
 import socket
@@ -51,6 +53,16 @@ def process_env(flwr_home: Path, marker: str = "") -> dict[str, str]:
     if marker:
         env[MARKER_ENV] = marker
     return env
+
+
+def results_record_an_end(results_dir: Path, before: set[Path]) -> bool:
+    """Whether a results JSON written since `before` already records the run's end (any status
+    but "running"): a local check, far cheaper than asking Flower."""
+    for path in set(results_dir.glob("*.json")) - before:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a file still being written
+            if json.loads(path.read_text()).get("run", {}).get("status", "running") != "running":
+                return True
+    return False
 
 
 @dataclass
@@ -351,8 +363,10 @@ class LocalDeployment:
         )
         return submit_run(self.cli_env, self.connection, self.app_dir, overrides)
 
-    def wait(self, run_id: int, timeout: float) -> tuple[str, str]:
-        return wait_for_run(self.cli_env, self.connection, run_id, timeout, check=self.check_superlink)
+    def wait(self, run_id: int, timeout: float, ended: Callable[[], bool] | None = None) -> tuple[str, str]:
+        return wait_for_run(
+            self.cli_env, self.connection, run_id, timeout, check=self.check_superlink, ended=ended
+        )
 
     def run(
         self,
@@ -367,7 +381,8 @@ class LocalDeployment:
         run_id = self.submit(run_config)
         if during is not None:
             during(run_id, results_dir)
-        status, details = self.wait(run_id, timeout - (time.monotonic() - started))
+        ended = functools.partial(results_record_an_end, results_dir, before)
+        status, details = self.wait(run_id, timeout - (time.monotonic() - started), ended)
         seconds = time.monotonic() - started
         new = sorted(set(results_dir.glob("*.json")) - before)
         results = load(new[-1]) if new else None
