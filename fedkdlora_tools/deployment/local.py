@@ -304,6 +304,20 @@ class LocalDeployment:
             self.node_ids.setdefault(index, int(match.group(1)))
         return process
 
+    def rejoin_supernode(self, index: int, timeout: float = 120) -> ManagedProcess:
+        """Start SuperNode `index` again until it joins, as a service manager restarting on failure would.
+
+        The SuperLink refuses to activate a node it still counts online (`ApiError 2004`, the
+        SuperNode exits): a host that froze and then stopped may not have signed off, and
+        stays online until its last heartbeat is 60 s old (2 heartbeat intervals).
+        """
+        deadline = time.monotonic() + timeout
+        while not (process := self.start_supernode(index)).alive:
+            if time.monotonic() > deadline:
+                raise ProcessError(f"{process.name} did not rejoin within {timeout:.0f} s:\n{process.tail()}")
+            time.sleep(5)
+        return process
+
     def node_cache_dir(self, index: int) -> Path:
         """SuperNode `index`'s own cache (the shipped client-KD teacher), kept across its restarts."""
         return self.work_dir / "node-cache" / f"node-{index}"

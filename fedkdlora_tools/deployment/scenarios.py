@@ -58,7 +58,7 @@ def lose_and_restore(
             return
         witness = deployment.processes[f"supernode-{(victim + 1) % deployment.num_supernodes}"]
         wait_for_train_messages(witness, restore_in_round, timeout)
-        deployment.start_supernode(victim)
+        deployment.rejoin_supernode(victim)
 
     return during
 
