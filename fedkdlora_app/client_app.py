@@ -39,7 +39,9 @@ from fedkdlora_app.protocol import (
     NO_TEACHER,
     NO_TEACHER_ERROR_CODE,
     NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
     PLACEMENT_KEY,
+    ROLL_CALL_KEY,
     SERVER_ROUND_KEY,
     TEACHER_ARRAYS_KEY,
     TEACHER_CONFIG_KEY,
@@ -255,3 +257,13 @@ def evaluate_global_model(message: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=message)
+
+
+@app.query()
+def answer_roll_call(message: Message, context: Context) -> Message:
+    """The node's partition id, so the server samples clients by partition (`sampling.py`).
+
+    Its files are checked here too: a node misconfigured for this run says so before round 1.
+    """
+    partition = MetricRecord({PARTITION_ID_KEY: node_run_of(context).partition_id})
+    return Message(RecordDict({ROLL_CALL_KEY: partition}), reply_to=message)

@@ -272,6 +272,11 @@ class RunConfig(  # bases last group first: a dataclass lists its bases' fields 
         return self.lora_client_lr if self.uses_lora else self.client_lr
 
     @property
+    def partial_participation(self) -> bool:
+        """A round samples some of the nodes (`sampling.py` then makes the sample follow the seed)."""
+        return self.fraction_train < 1 or self.fraction_evaluate < 1
+
+    @property
     def uses_dp(self) -> bool:
         """Central DP is on when there is noise to add."""
         return self.dp_noise_multiplier > 0

@@ -25,6 +25,10 @@ CONFIG_KEY = "config"
 SERVER_ROUND_KEY = "server-round"
 NUM_EXAMPLES_KEY = "num_examples"
 METRICS_KEY = "metrics"
+# Under partial participation the server asks each node once for its partition (a `query`
+# message): the reply's metric record, and its one entry (`sampling.PartitionRoster`).
+ROLL_CALL_KEY = "roll-call"
+PARTITION_ID_KEY = "partition-id"
 
 # The shipped state (`models.shipped_state`, encoded by `wire.to_wire`): PEFT's state-dict
 # keys (adapter + head) under the LoRA schemes, the whole `state_dict` under FedAvg. This is

@@ -233,6 +233,10 @@ class RunRecorder:
         """Where node `node_id` computed this round's `stage` (`devices.placement`)."""
         self.round(server_round).setdefault("placement", {}).setdefault(str(node_id), {})[stage] = placement
 
+    def set_sampled_partitions(self, server_round: int, stage: str, partitions: list[int]) -> None:
+        """Which partitions `stage` sampled (partial participation; -1: a node of unknown partition)."""
+        self.round(server_round).setdefault("sampled_partitions", {})[stage] = partitions
+
     def set_aggregated_updates(self, server_round: int, count: int) -> None:
         """How many client updates went into the round's aggregate (0: the global model stayed)."""
         self.round(server_round)["aggregated_updates"] = count

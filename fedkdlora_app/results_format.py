@@ -191,6 +191,7 @@ class Round(TypedDict):
     failures: list[Failure]
     placement: NotRequired[dict[str, dict[str, Placement]]]  # node id -> stage -> placement
     aggregated_updates: NotRequired[int]
+    sampled_partitions: NotRequired[dict[str, list[int]]]  # partial participation: stage -> partitions
     distillation: NotRequired[Distillation]
     aggregation: NotRequired[Aggregation]
     epsilon: NotRequired[float]  # DP: the run's ε after this round, at model.privacy.delta

@@ -43,6 +43,7 @@ from fedkdlora_app.privacy import (
 from fedkdlora_app.progress import phase_progress
 from fedkdlora_app.protocol import TEACHER_ID_KEY
 from fedkdlora_app.results import RunRecorder
+from fedkdlora_app.sampling import PartitionRoster
 from fedkdlora_app.seeding import seed_everything
 from fedkdlora_app.strategy import ContinuedRounds, ServerStep, TrackedFedAvg
 from fedkdlora_app.teacher import save_teacher
@@ -165,6 +166,7 @@ def build_strategy(
         # No partition holds more than this: larger claims are dropped.
         max_examples_per_update=largest_partition(config, client_pool_examples),
         round_timeout=config.round_timeout,
+        roster=PartitionRoster(config.seed, config.round_timeout) if config.partial_participation else None,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=1,

@@ -23,6 +23,7 @@ from fedkdlora_app.bookkeeping import NodeRanks, OncePerNode, RoundLedger, Updat
 from fedkdlora_app.metrics import aggregate_evaluate_metrics, aggregate_train_metrics
 from fedkdlora_app.protocol import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES_KEY
 from fedkdlora_app.results import RunRecorder
+from fedkdlora_app.sampling import PartitionRoster
 
 AfterAggregate = Callable[[int, ArrayRecord], ArrayRecord]
 
@@ -41,6 +42,7 @@ class TrackedFedAvg(FedAvg):
         max_examples_per_update: int | None = None,
         aggregator: UpdateAggregator | None = None,
         round_timeout: float | None = None,
+        roster: PartitionRoster | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("arrayrecord_key", ARRAYS_KEY)
@@ -58,6 +60,16 @@ class TrackedFedAvg(FedAvg):
         self.node_ranks = NodeRanks(self.aggregator, self.arrayrecord_key)
         self.sent: ArrayRecord | None = None  # this round's global arrays, as sent
         self.once_per_node = OncePerNode(dict(once_per_node or {}))
+        self.roster = roster  # partial participation: sample by partition, seeded per round
+
+    def _sampling_grid(self, grid: Grid, server_round: int, stage: str) -> Grid:
+        """The grid FedAvg samples `stage` from: under a roster, by partition, seeded per round."""
+        return self.roster.grid_for(grid, server_round, stage) if self.roster else grid
+
+    def _record_sample(self, server_round: int, stage: str, messages: list[Message]) -> None:
+        if self.roster is not None:
+            partitions = self.roster.partitions_of(m.metadata.dst_node_id for m in messages)
+            self.recorder.set_sampled_partitions(server_round, stage, partitions)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -66,7 +78,9 @@ class TrackedFedAvg(FedAvg):
         self.recorder.set_aggregated_updates(server_round, 0)  # until aggregate_train says otherwise
         self.sent = arrays
         self.screen.sent = self.aggregator.reply_template(arrays, server_round)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        sampling_grid = self._sampling_grid(grid, server_round, "train")
+        messages = list(super().configure_train(server_round, arrays, config, sampling_grid))
+        self._record_sample(server_round, "train", messages)
         self.node_ranks.fit(messages)
         self.ledger.sent(server_round, "train", messages)
         for node_id, record in self.once_per_node.attach(messages):
@@ -105,7 +119,9 @@ class TrackedFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        sampling_grid = self._sampling_grid(grid, server_round, "evaluate")
+        messages = list(super().configure_evaluate(server_round, arrays, config, sampling_grid))
+        self._record_sample(server_round, "evaluate", messages)
         self.node_ranks.fit(messages)
         self.ledger.sent(server_round, "evaluate", messages)
         return messages
