@@ -2,12 +2,21 @@
 
 Flower's simulated SuperNodes get random node ids in each run; the clients a round samples
 must follow from the run's seed and the round, or two schemes compared on one seed train on
-different clients (real `flwr run` simulations, 4 SuperNodes, the tiny BERT).
+different clients. End to end: two real `flwr run` simulations (4 SuperNodes, the tiny BERT);
+in process: Flower's FedAvg sampling through the roster, with nodes that answer or stay silent.
 """
 
 from __future__ import annotations
 
-from tests.helpers import simulate, tiny_models
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkdlora_app.protocol import PARTITION_ID_KEY, ROLL_CALL_KEY
+from fedkdlora_app.results import RunRecorder
+from fedkdlora_app.sampling import PartitionRoster
+from fedkdlora_app.strategy import TrackedFedAvg
+from tests.helpers import make_config, simulate, tiny_models
 
 NODES = 4
 PARTIAL = {
@@ -41,3 +50,57 @@ def test_half_the_clients_sampled_are_the_same_partitions_in_two_runs_of_one_see
         # what the sampled clients computed on their own data: the same clients, the same numbers
         assert _without_seconds(a["clients"]) == _without_seconds(b["clients"]), a["round"]
         assert a["server"] == b["server"], a["round"]
+
+
+class RollCallGrid:
+    """A Flower grid whose nodes answer the roll call with their partition (None: never answers)."""
+
+    def __init__(self, partitions: dict[int, int | None]) -> None:
+        self.partitions = partitions
+        self.asked: list[int] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.asked.append(node)
+            message.metadata.__dict__["_message_id"] = f"query-{node}"
+            TaskIdentity.node_id = node
+            if self.partitions[node] is not None:
+                answer = MetricRecord({PARTITION_ID_KEY: self.partitions[node]})
+                replies.append(Message(RecordDict({ROLL_CALL_KEY: answer}), reply_to=message))
+        TaskIdentity.node_id = 0
+        return replies
+
+
+def _train_sample(
+    tmp_path, partitions: dict[int, int | None], rounds: int
+) -> tuple[list[list[int]], RollCallGrid]:
+    """FedAvg's train sample (half of the nodes) of rounds 1..`rounds`, as partitions, through the roster."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    recorder = RunRecorder(make_config(**{"results-dir": str(tmp_path)}))
+    grid = RollCallGrid(partitions)
+    strategy = TrackedFedAvg(
+        recorder, roster=PartitionRoster(seed=42, timeout=5.0), fraction_train=0.5, min_available_nodes=6
+    )
+    arrays = ArrayRecord([np.zeros(2, dtype=np.float32)])
+    for server_round in range(1, rounds + 1):
+        strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+    return [recorder.round(r)["sampled_partitions"]["train"] for r in range(1, rounds + 1)], grid
+
+
+def test_the_sample_follows_partitions_not_node_ids_and_a_silent_node_sorts_last(tmp_path) -> None:
+    """Two federations whose nodes list in different orders under different ids: the same partitions
+    each round; each node asked once; the node that never answers comes last, as partition -1."""
+    first = {901: 3, 17: 0, 5003: 4, 42: 1, 77: 2, 640: None}
+    second = {8080: 2, 5: None, 61: 4, 3: 0, 999: 1, 12: 3}
+    samples, grid = _train_sample(tmp_path / "first", first, rounds=4)
+    assert samples == _train_sample(tmp_path / "second", second, rounds=4)[0]
+    assert all(len(sample) == 3 for sample in samples) and len(set(map(tuple, samples))) > 1
+    assert sorted(grid.asked) == sorted(first)  # the roll call reached each node once in four rounds
+    roster = PartitionRoster(seed=42, timeout=5.0)
+    assert roster.order(RollCallGrid(second), list(second)) == [3, 999, 8080, 12, 61, 5]
+    assert roster.partitions_of([5, 61]) == [-1, 4]
