@@ -4,9 +4,11 @@ FedAvg samples `random.sample(list(grid.get_node_ids()), k)`. Node ids are rando
 simulation run, per SuperNode start), so under partial participation one seed would draw
 different clients in each run: two schemes compared on a seed would train on different
 clients, and a resumed run would not continue the interrupted one. `PartitionRoster` asks
-each node once for its partition id (a `query` message), hands FedAvg a grid that lists
-the nodes by partition, and seeds `random` from (seed, round, stage) just before FedAvg
-samples. Under full participation every node is sampled and none of this is needed.
+each node once for its partition id (a `query` message) and hands FedAvg a grid that lists
+the nodes by partition and seeds `random` from (seed, round, stage) each time it lists them,
+so after any roll call too: Flower's grid draws from `random` while it waits for replies
+(jittered retries), as often as the timing makes it. FedAvg samples right after listing.
+Under full participation every node is sampled and none of this is needed.
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ class PartitionRoster:
 
     def grid_for(self, grid: Grid, server_round: int, stage: str) -> Grid:
         """`grid` as FedAvg should sample from it for `stage` of `server_round`."""
-        random.seed(sampling_seed(self.seed, server_round, stage))
-        return PartitionOrderedGrid(grid, self)
+        return PartitionOrderedGrid(grid, self, sampling_seed(self.seed, server_round, stage))
 
     def partitions_of(self, node_ids: Iterable[int]) -> list[int]:
         """The partitions of sampled nodes (-1: a node that never answered the roll call)."""
         return sorted(self.partitions.get(node_id, -1) for node_id in node_ids)
 
     def order(self, grid: Grid, node_ids: Iterable[int]) -> list[int]:
+        """`node_ids` by partition, asking the nodes not asked yet."""
         node_ids = list(node_ids)
         self._roll_call(grid, [node_id for node_id in node_ids if node_id not in self.asked])
         return sorted(node_ids, key=lambda n: (n not in self.partitions, self.partitions.get(n, 0), n))
@@ -67,14 +69,17 @@ class PartitionRoster:
 
 
 class PartitionOrderedGrid(Grid):
-    """`grid`, listing node ids by partition (the roster asks new nodes first); the rest as is."""
+    """`grid`, listing node ids by partition with `random` freshly seeded; the rest as is."""
 
-    def __init__(self, grid: Grid, roster: PartitionRoster) -> None:
+    def __init__(self, grid: Grid, roster: PartitionRoster, seed: int) -> None:
         self.grid = grid
         self.roster = roster
+        self.seed = seed
 
     def get_node_ids(self) -> list[int]:
-        return self.roster.order(self.grid, self.grid.get_node_ids())
+        node_ids = self.roster.order(self.grid, self.grid.get_node_ids())
+        random.seed(self.seed)  # after the roll call's draws: FedAvg's sample follows the seed alone
+        return node_ids
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)

@@ -8,6 +8,8 @@ in process: Flower's FedAvg sampling through the roster, with nodes that answer 
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -53,10 +55,15 @@ def test_half_the_clients_sampled_are_the_same_partitions_in_two_runs_of_one_see
 
 
 class RollCallGrid:
-    """A Flower grid whose nodes answer the roll call with their partition (None: never answers)."""
+    """A Flower grid whose nodes answer the roll call with their partition (None: never answers).
 
-    def __init__(self, partitions: dict[int, int | None]) -> None:
+    Flower's own grid draws from Python's `random` while it waits for replies (jittered retry
+    sleeps), as often as the timing makes it: `jitter_draws` stands for that.
+    """
+
+    def __init__(self, partitions: dict[int, int | None], jitter_draws: int = 0) -> None:
         self.partitions = partitions
+        self.jitter_draws = jitter_draws
         self.asked: list[int] = []
 
     def get_node_ids(self) -> list[int]:
@@ -64,6 +71,8 @@ class RollCallGrid:
 
     def send_and_receive(self, messages, timeout=None) -> list[Message]:
         replies = []
+        for _ in range(self.jitter_draws):
+            random.random()
         for message in messages:
             node = message.metadata.dst_node_id
             self.asked.append(node)
@@ -77,12 +86,12 @@ class RollCallGrid:
 
 
 def _train_sample(
-    tmp_path, partitions: dict[int, int | None], rounds: int
+    tmp_path, partitions: dict[int, int | None], rounds: int, jitter_draws: int
 ) -> tuple[list[list[int]], RollCallGrid]:
     """FedAvg's train sample (half of the nodes) of rounds 1..`rounds`, as partitions, through the roster."""
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     recorder = RunRecorder(make_config(**{"results-dir": str(tmp_path)}))
-    grid = RollCallGrid(partitions)
+    grid = RollCallGrid(partitions, jitter_draws)
     strategy = TrackedFedAvg(
         recorder, roster=PartitionRoster(seed=42, timeout=5.0), fraction_train=0.5, min_available_nodes=6
     )
@@ -93,12 +102,13 @@ def _train_sample(
 
 
 def test_the_sample_follows_partitions_not_node_ids_and_a_silent_node_sorts_last(tmp_path) -> None:
-    """Two federations whose nodes list in different orders under different ids: the same partitions
-    each round; each node asked once; the node that never answers comes last, as partition -1."""
+    """Two federations whose nodes list in different orders under different ids, whose roll calls
+    took different times: the same partitions each round; each node asked once; the node that
+    never answers comes last, as partition -1."""
     first = {901: 3, 17: 0, 5003: 4, 42: 1, 77: 2, 640: None}
     second = {8080: 2, 5: None, 61: 4, 3: 0, 999: 1, 12: 3}
-    samples, grid = _train_sample(tmp_path / "first", first, rounds=4)
-    assert samples == _train_sample(tmp_path / "second", second, rounds=4)[0]
+    samples, grid = _train_sample(tmp_path / "first", first, rounds=4, jitter_draws=1)
+    assert samples == _train_sample(tmp_path / "second", second, rounds=4, jitter_draws=7)[0]
     assert all(len(sample) == 3 for sample in samples) and len(set(map(tuple, samples))) > 1
     assert sorted(grid.asked) == sorted(first)  # the roll call reached each node once in four rounds
     roster = PartitionRoster(seed=42, timeout=5.0)
