@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedkdlora_app.aggregation import UpdateAggregator
 from fedkdlora_app.bookkeeping import NodeRanks, OncePerNode, RoundLedger, UpdateScreen
@@ -63,7 +64,13 @@ class TrackedFedAvg(FedAvg):
         self.roster = roster  # partial participation: sample by partition, seeded per round
 
     def _sampling_grid(self, grid: Grid, server_round: int, stage: str) -> Grid:
-        """The grid FedAvg samples `stage` from: under a roster, by partition, seeded per round."""
+        """The grid FedAvg samples `stage` from, once `min_available_nodes` are online.
+
+        FedAvg sizes its sample from the nodes online before it waits for them, so a node
+        still rejoining would leave the stage a node short: the wait (Flower's own) comes
+        first. Under a roster, the nodes are listed by partition and the sample seeded.
+        """
+        sample_nodes(grid, self.min_available_nodes, 0)  # waits; samples none
         return self.roster.grid_for(grid, server_round, stage) if self.roster else grid
 
     def _record_sample(self, server_round: int, stage: str, messages: list[Message]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -114,3 +115,27 @@ def test_the_sample_follows_partitions_not_node_ids_and_a_silent_node_sorts_last
     roster = PartitionRoster(seed=42, timeout=5.0)
     assert roster.order(RollCallGrid(second), list(second)) == [3, 999, 8080, 12, 61, 5]
     assert roster.partitions_of([5, 61]) == [-1, 4]
+
+
+class RejoiningGrid:
+    """Node 2 is away (restarting) the first time the grid is asked, and back from then on."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return [1] if self.calls == 1 else [1, 2]
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_a_stage_waits_for_min_available_nodes_before_sizing_its_sample(tmp_path, stage: str) -> None:
+    """Flower's FedAvg sizes the sample from the nodes online before it waits for
+    `min-available-nodes`: a node still rejoining would leave the stage one node short."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    recorder = RunRecorder(make_config(**{"results-dir": str(tmp_path)}))
+    # as `server_app.build_strategy` sets it: a stage may go on with one node
+    strategy = TrackedFedAvg(recorder, min_available_nodes=2, min_train_nodes=1, min_evaluate_nodes=1)
+    configure = strategy.configure_train if stage == "train" else strategy.configure_evaluate
+    messages = configure(1, ArrayRecord([np.zeros(2, dtype=np.float32)]), ConfigRecord(), RejoiningGrid())
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
