@@ -23,11 +23,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedkdlora_app.protocol import PARTITION_ID_KEY, ROLL_CALL_KEY
-
-
-def sampling_seed(seed: int, server_round: int, stage: str) -> int:
-    """The seed of `random` when FedAvg samples `stage` ("train", "evaluate") of `server_round`."""
-    return seed * 1_000_003 + server_round * 2 + (stage == "evaluate")
+from fedkdlora_app.seeding import sampling_seed
 
 
 class PartitionRoster:

@@ -18,3 +18,8 @@ def seed_everything(seed: int) -> None:
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """Distinct, reproducible per client and round (dropout, shuffling)."""
     return seed * 1_000_003 + server_round * 1_009 + partition_id
+
+
+def sampling_seed(seed: int, server_round: int, stage: str) -> int:
+    """The seed of `random` when FedAvg samples `stage` ("train", "evaluate") of `server_round`."""
+    return seed * 1_000_003 + server_round * 2 + (stage == "evaluate")

@@ -143,3 +143,20 @@ def simulate(results_dir: Path, federation: str = "", **overrides: Any) -> tuple
     code = launcher.main(argv + (["--federation-config", federation] if federation else []))
     files = sorted(results_dir.glob("*.json"))
     return code, (load(files[-1]) if files else None)
+
+
+def comparable_round(entry: dict) -> dict:
+    """A round's record less what may differ between two runs of the same config on CPU: seconds,
+    where clients ran, and the random node ids (their per-node bytes are kept, as a sorted list)."""
+
+    def keep(value):
+        if isinstance(value, dict):
+            return {k: keep(v) for k, v in value.items() if "seconds" not in k and k not in ("placement",)}
+        return value
+
+    record = keep(entry)
+    per_node = record.get("communication", {}).pop("per_node", {})
+    record.get("communication", {})["per_node_bytes"] = sorted(
+        tuple(sorted(v.items())) for v in per_node.values()
+    )
+    return record

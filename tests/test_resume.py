@@ -16,32 +16,23 @@ from fedkdlora_app.checkpoint import Checkpoint
 from fedkdlora_app.config import ConfigError
 from fedkdlora_app.results import RunRecorder
 from fedkdlora_tools.launcher import format_overrides
-from tests.helpers import GLUE_DIR, REPO, client_kd_overrides, make_config, simulate, teacher_message_bytes
+from tests.helpers import (
+    GLUE_DIR,
+    REPO,
+    client_kd_overrides,
+    comparable_round,
+    make_config,
+    simulate,
+    teacher_message_bytes,
+)
 
 # FedKDLoRA with client KD on the tiny BERT (the run `client_kd_run` shares): the test is about
 # resuming, server step and shipped teacher included, not about the default model.
 KD = client_kd_overrides()
 
 
-def _round_record(entry: dict) -> dict:
-    """A round's record less what may differ between two runs of the same config on CPU: seconds,
-    where clients ran, and the random node ids (their per-node bytes are kept, as a sorted list)."""
-
-    def keep(value):
-        if isinstance(value, dict):
-            return {k: keep(v) for k, v in value.items() if "seconds" not in k and k not in ("placement",)}
-        return value
-
-    record = keep(entry)
-    per_node = record.get("communication", {}).pop("per_node", {})
-    record.get("communication", {})["per_node_bytes"] = sorted(
-        tuple(sorted(v.items())) for v in per_node.values()
-    )
-    return record
-
-
 def _rounds(results: dict, up_to: int | None = None) -> list[dict]:
-    return [_round_record(r) for r in results["rounds"] if up_to is None or r["round"] <= up_to]
+    return [comparable_round(r) for r in results["rounds"] if up_to is None or r["round"] <= up_to]
 
 
 def _with_teacher_shipped_again(rounds: list[dict], round_: int, per_node: int) -> list[dict]:
